@@ -1,0 +1,41 @@
+"""``python -m bench relay`` / ``python -m bench socks --port 1080`` (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.relay import MODES, GiB, run_relay_bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rel = sub.add_parser("relay", help="throughput of relay() vs direct loopback")
+    rel.add_argument("--size-mib", type=int, default=GiB >> 20)
+    rel.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    rel.add_argument("--repeat", type=int, default=1)
+    socks = sub.add_parser("socks", help="a SOCKS5 proxy vs direct loopback")
+    socks.add_argument("--port", type=int, default=1080, help="proxy port (or the one to spawn on)")
+    socks.add_argument("--pid", type=int, help="proxy pid, for memory figures")
+    spawn = socks.add_mutually_exclusive_group()
+    spawn.add_argument("--spawn-sidestep", action="store_true", help="start `python -m proxy run`")
+    spawn.add_argument("--spawn-microsocks", action="store_true", help="start microsocks")
+    socks.add_argument("--bulk-mib", type=int, default=1024)
+    socks.add_argument("--connections", type=int, default=2000, help="per connection-rate test")
+    socks.add_argument("--concurrency", type=int, default=200)
+    socks.add_argument("--idle", type=int, default=1000, help="idle tunnels for the memory test")
+    args = parser.parse_args()
+    if args.cmd == "relay":
+        modes = tuple(m for m in args.modes.split(",") if m)
+        unknown = set(modes) - set(MODES)
+        if unknown:
+            parser.error(f"unknown modes {sorted(unknown)}")
+        run_relay_bench(args.size_mib << 20, modes, args.repeat)
+    else:
+        from bench.socks import run_socks_bench
+
+        run_socks_bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Wiring: config in, running listeners out; reload on SIGHUP; drain on SIGINT/SIGTERM.
+
+:class:`App` owns one :class:`~proxy.route.dispatcher.Dispatcher` and one
+:class:`~proxy.inbound.listener.InboundServer` per ``[[inbound]]``. A reload builds the new
+pieces first and only swaps them in when the whole config is valid and every new address could
+be bound; established connections keep running on the objects they started with.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from proxy.config import Config, InboundConfig, load_config
+from proxy.errors import ConfigError, ProxyError
+from proxy.inbound.base import InboundSettings
+from proxy.inbound.listener import InboundServer, open_listeners
+from proxy.resolve.system import SystemResolver
+from proxy.route.dispatcher import Dispatcher, DispatchSettings
+
+log = logging.getLogger("sidestep")
+
+
+class StartupError(ProxyError):
+    """sidestep cannot start (port in use, permission denied): said in one line."""
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:1080"`` / ``"[::1]:1080"`` / ``"localhost:1080"`` -> (ip, port)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    return host, int(port)
+
+
+def dispatch_settings(config: Config) -> DispatchSettings:
+    return DispatchSettings(
+        connect_timeout=config.outbound.connect_timeout,
+        happy_eyeballs_delay=config.outbound.happy_eyeballs_delay,
+        first_flight_max=config.pipeline.first_flight_max,
+        first_flight_wait=config.pipeline.first_flight_wait,
+        first_flight_timeout=config.pipeline.first_flight_timeout,
+        idle_timeout=config.relay.idle_timeout,
+        buffer_size=config.relay.buffer_size,
+        splice=config.relay.splice,
+        resolve_timeout=config.dns.timeout,
+    )
+
+
+def inbound_settings(inbound: InboundConfig) -> InboundSettings:
+    return InboundSettings(
+        name=inbound.name,
+        users={u.username: u.password for u in inbound.users},
+        handshake_timeout=inbound.handshake_timeout,
+        udp=inbound.udp,
+        idle_timeout=inbound.idle_timeout,
+    )
+
+
+def _allow(inbound: InboundConfig) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(inbound.effective_allow)
+
+
+@dataclass(slots=True)
+class _Running:
+    server: InboundServer
+    listen: str
+    scope: trio.CancelScope
+
+
+class App:
+    """A running sidestep: start with :meth:`run`."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.dispatcher = Dispatcher(dispatch_settings(config), SystemResolver())
+        self._running: dict[str, _Running] = {}
+        #: servers removed by a reload whose clients may still be connected
+        self._retired: list[InboundServer] = []
+        self._nursery: trio.Nursery | None = None
+        self._stopping = trio.Event()
+        #: set once every inbound is listening (tests wait on it)
+        self.ready = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen on every inbound until SIGINT/SIGTERM, then drain and return."""
+        fresh = await self._bind_new(self.config)  # a port in use fails here, before anything
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._swap(self.config, fresh, initial=True)
+                self.ready.set()
+                log.info(
+                    "sidestep listening: %s",
+                    ", ".join(
+                        f"{r.server.name}={r.listen} ({r.server.protocol})"
+                        for r in self._running.values()
+                    ),
+                )
+                nursery.start_soon(self._watch_signals, signals)
+                await self._stopping.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def _watch_signals(self, signals: trio.abc.AsyncIterator[int]) -> None:  # type: ignore[name-defined]
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                if self._stopping.is_set():
+                    log.warning("second stop signal: closing every connection now")
+                    assert self._nursery is not None
+                    self._nursery.cancel_scope.cancel()
+                    return
+                log.info("%s received: no new connections, draining", signal.Signals(signum).name)
+                self.stop()
+
+    async def _drain(self) -> None:
+        for running in self._running.values():
+            running.server.stop_accepting()
+        timeout = self.config.shutdown.drain_timeout
+        with trio.move_on_after(timeout):
+            while self.open_connections():
+                await trio.sleep(0.05)
+        left = self.open_connections()
+        if left:
+            log.info("drain time (%.1fs) over: closing %d connection(s)", timeout, left)
+
+    def open_connections(self) -> int:
+        self._retired = [server for server in self._retired if server.active]
+        return sum(r.server.active for r in self._running.values()) + sum(
+            server.active for server in self._retired
+        )
+
+    async def reload(self) -> bool:
+        """Re-read the config file; swap it in only when it is valid and can be applied."""
+        if self.config_path is None:
+            log.info("reload: running on the embedded default, nothing to re-read")
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        try:
+            await self._apply(config, initial=False)
+        except StartupError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        from proxy.logsetup import setup_logging
+
+        try:
+            setup_logging(config.log.level, json_lines=config.log.json, file=config.log.file)
+        except OSError as exc:
+            log.error("reload: cannot open log file %s: %s", config.log.file, exc.strerror)
+        log.info("config reloaded from %s", self.config_path)
+        return True
+
+    async def _apply(self, config: Config, *, initial: bool) -> None:
+        fresh = await self._bind_new(config)
+        self._swap(config, fresh, initial=initial)
+
+    async def _bind_new(self, config: Config) -> dict[str, list[trio.SocketListener]]:
+        """Bind every address the config names that is not bound yet; all or nothing."""
+        fresh: dict[str, list[trio.SocketListener]] = {}
+        try:
+            for inb in config.inbound:
+                if inb.listen not in self._running and inb.listen not in fresh:
+                    fresh[inb.listen] = await _bind(inb)
+        except BaseException:
+            for listeners in fresh.values():
+                for listener in listeners:
+                    await listener.aclose()
+            raise
+        return fresh
+
+    def _swap(
+        self, config: Config, fresh: dict[str, list[trio.SocketListener]], *, initial: bool
+    ) -> None:
+        # Running inbounds are keyed by their listen address: an inbound whose address is
+        # unchanged keeps its socket (and its clients) and only gets the new settings.
+        assert self._nursery is not None
+        dispatcher = self.dispatcher
+        if not initial:
+            dispatcher = Dispatcher(dispatch_settings(config), SystemResolver())
+        wanted = {inb.listen: inb for inb in config.inbound}
+        for listen, running in list(self._running.items()):
+            inb = wanted.get(listen)
+            if inb is None:
+                running.server.stop_accepting()
+                self._retired.append(running.server)
+                del self._running[listen]
+                continue
+            running.server.name = inb.name
+            running.server.protocol = inb.protocol
+            running.server.ctx = dispatcher.context(inbound_settings(inb))
+            running.server.allow = _allow(inb)
+        for listen, listeners in fresh.items():
+            inb = wanted[listen]
+            server = InboundServer(
+                name=inb.name,
+                protocol=inb.protocol,
+                ctx=dispatcher.context(inbound_settings(inb)),
+                allow=_allow(inb),
+            )
+            server.bind_info(listeners)
+            scope = trio.CancelScope()
+            self._running[listen] = _Running(server, listen, scope)
+            self._nursery.start_soon(_serve_in_scope, server, listeners, scope)
+        self.config = config
+        self.dispatcher = dispatcher
+
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """The actual bound address of each inbound (port 0 in the config gets a real one)."""
+        return {r.server.name: r.server.bound for r in self._running.values()}
+
+
+async def _serve_in_scope(
+    server: InboundServer,
+    listeners: list[trio.SocketListener],
+    scope: trio.CancelScope,
+) -> None:
+    with scope:
+        await server.serve(listeners)
+
+
+async def _bind(inb: InboundConfig) -> list[trio.SocketListener]:
+    host, port = split_listen(inb.listen)
+    try:
+        return await open_listeners(host, port)
+    except OSError as exc:
+        why = {
+            errno.EADDRINUSE: "the address is already in use (another sidestep or proxy?)",
+            errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            errno.EADDRNOTAVAIL: "this machine has no such address",
+        }.get(exc.errno or 0, os.strerror(exc.errno or 0) if exc.errno else str(exc))
+        raise StartupError(f"inbound {inb.name!r}: cannot listen on {inb.listen}: {why}") from None

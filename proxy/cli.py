@@ -1,0 +1,107 @@
+"""The ``sidestep`` command.
+
+Every user mistake (a bad config, a port in use) ends in one line on stderr and exit status 1,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from proxy import __version__
+from proxy.config import load_config, render_config
+from proxy.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidestep",
+        description="A local SOCKS5/HTTP proxy that detects censorship and routes around it.",
+    )
+    p.add_argument("--version", action="version", version=f"sidestep {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the proxy (the embedded default config if no --config)")
+    run.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
+    run.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override [log] level",
+    )
+    run.add_argument("--json-logs", action="store_true", default=None, help="log JSON lines")
+
+    cfg = sub.add_parser("config", help="check or show a config file")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    check = cfg_sub.add_parser("check", help="validate FILE; exit status 0 when valid, 1 if not")
+    check.add_argument("file", metavar="FILE")
+    show = cfg_sub.add_parser("show", help="print the effective config (secrets masked)")
+    show.add_argument("file", metavar="FILE", nargs="?")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "config":
+            if args.config_command == "check":
+                load_config(args.file)
+                print(f"{args.file}: ok")
+                return 0
+            if args.config_command == "show":
+                sys.stdout.write(render_config(load_config(args.file)))
+                return 0
+            parser.parse_args(["config", "--help"])
+        parser.print_help()
+        return 2
+    except ConfigError as exc:
+        print(f"sidestep: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.app import App, StartupError
+    from proxy.logsetup import setup_logging
+
+    config = load_config(args.config)
+    level = args.log_level or config.log.level
+    json_lines = config.log.json if args.json_logs is None else args.json_logs
+    try:
+        setup_logging(level, json_lines=json_lines, file=config.log.file)
+    except OSError as exc:
+        print(f"sidestep: cannot open log file {config.log.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    _raise_fd_limit()
+    app = App(config, config_path=args.config)
+    try:
+        trio.run(app.run)
+    except StartupError as exc:
+        print(f"sidestep: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    """Each tunnel holds two sockets: lift the soft open-files limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

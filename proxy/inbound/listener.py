@@ -1,0 +1,166 @@
+"""Accepting clients: access control, protocol sniffing, one task per connection.
+
+Every inbound listens on one address. A client whose address is outside the inbound's allow list
+is closed before a single byte is read from it. A ``mixed`` inbound reads the first byte and
+hands the connection to the SOCKS5 (0x05), SOCKS4/4a (0x04) or HTTP (a letter) handler; a
+single-protocol inbound accepts only its own first byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy.inbound.base import Handler, InboundContext
+from proxy.inbound.http import handle_http
+from proxy.inbound.socks import handle_socks4, handle_socks5
+
+log = logging.getLogger("sidestep.inbound")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def pick_handler(protocol: str, first: int) -> tuple[str, Handler] | None:
+    """Which handler serves a client whose first byte is ``first`` on a ``protocol`` inbound."""
+    if first == 0x05 and protocol in ("mixed", "socks5"):
+        return "socks5", handle_socks5
+    if first == 0x04 and protocol in ("mixed", "socks4"):
+        return "socks4", handle_socks4
+    if (0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A) and protocol in ("mixed", "http"):
+        return "http", handle_http
+    return None
+
+
+def client_allowed(address: str, allow: Sequence[Network]) -> bool:
+    """Is a client at ``address`` inside one of the ``allow`` networks?"""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in allow if net.version == ip.version)
+
+
+@dataclass(slots=True)
+class InboundServer:
+    """One listening inbound. ``ctx`` and ``allow`` may be swapped on reload."""
+
+    name: str
+    protocol: str
+    ctx: InboundContext
+    allow: tuple[Network, ...]
+    #: open client connections (for drain and status)
+    active: int = 0
+    #: the first bound address, once serving (port 0 in the config becomes a real port)
+    bound: tuple[str, int] = ("", 0)
+    _accept_scopes: list[trio.CancelScope] = field(default_factory=list)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; clients already connected carry on."""
+        for scope in self._accept_scopes:
+            scope.cancel()
+
+    def bind_info(self, listeners: Sequence[trio.SocketListener]) -> None:
+        """Record the address actually bound (port 0 in a config gets a real port)."""
+        if listeners:
+            name = listeners[0].socket.getsockname()
+            self.bound = (name[0], name[1])
+
+    async def serve(self, listeners: Iterable[trio.SocketListener]) -> None:
+        """Accept clients on ``listeners`` until :meth:`stop_accepting`, then wait for the
+        clients still connected (cancel the caller's scope to cut them off)."""
+        listeners = list(listeners)
+        self.bind_info(listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+        # Each client runs in its own task in this nursery so that closing the listener (stop
+        # accepting) and cancelling the clients (end of drain) are separate steps.
+        scope = trio.CancelScope()
+        self._accept_scopes.append(scope)
+        async with trio.open_nursery() as clients:
+            with scope:
+                async with listener:
+                    await self._accept_forever(listener, clients)
+
+    async def _accept_forever(self, listener: trio.SocketListener, clients: trio.Nursery) -> None:
+        while True:
+            try:
+                sock = await listener.socket.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.warning("%s: accept failed (%s); retrying", self.name, exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            conn, peer = sock
+            if not client_allowed(peer[0], self.allow):
+                log.warning("%s: refused client %s: not in the allow list", self.name, peer[0])
+                conn.close()
+                continue
+            clients.start_soon(self._handle, conn, (peer[0], peer[1]))
+
+    async def _handle(self, sock: trio.socket.SocketType, peer: tuple[str, int]) -> None:
+        self.active += 1
+        stream = trio.SocketStream(sock)
+        try:
+            first = b""
+            with trio.move_on_after(self.ctx.settings.handshake_timeout):
+                first = await stream.receive_some(4096)
+            if not first:
+                return
+            picked = pick_handler(self.protocol, first[0])
+            if picked is None:
+                log.info(
+                    "%s: %s:%d spoke an unknown protocol (first byte 0x%02x); closed",
+                    self.name,
+                    peer[0],
+                    peer[1],
+                    first[0],
+                )
+                return
+            await picked[1](stream, first, peer, self.ctx)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        except Exception:
+            # The per-connection top level: one bad client must never take the listener down.
+            log.exception("%s: unexpected error serving %s:%d", self.name, peer[0], peer[1])
+        finally:
+            self.active -= 1
+            with trio.CancelScope(shield=True):
+                await _close(stream)
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    try:
+        await stream.aclose()
+    except (OSError, trio.BrokenResourceError):
+        pass
+
+
+async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind ``host:port`` (an IP literal or ``localhost``) with SO_REUSEADDR."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" means both families only when the sysctl says so; be explicit
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        await sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]

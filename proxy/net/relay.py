@@ -1,0 +1,314 @@
+"""Moving bytes both ways between two streams once a tunnel is up.
+
+:func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a relayed
+connection costs one extra task. Its rules:
+
+* **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
+  the opposite direction keeps flowing until it ends too. A stream that cannot half-close is left
+  alone and the other direction continues.
+* **Resets end both.** A broken stream (``ECONNRESET``, ``EPIPE``) ends the relay at once. TCP
+  sockets are then set to reset on close (``SO_LINGER`` 0) so the peer on the other side learns
+  that the data was cut short instead of seeing a clean end.
+* **Idle timeout** is shared: the relay ends when no byte has moved either way for
+  ``idle_timeout`` seconds. The deadline is refreshed at most once per ``slack`` (a twentieth of the
+  timeout, at most one second), so it may fire up to ``slack`` late but never early.
+* **Bounded memory**: at most one ``buffer_size`` read in flight per direction, and no buffer is
+  kept while a direction waits.
+
+When both ends are plain TCP ``trio.SocketStream``\\s the copy runs on the file descriptors with
+non-blocking system calls, waiting through ``trio.lowlevel.wait_readable``/``wait_writable`` only
+when a call would block: that saves the scheduler pass trio's stream methods take per call. On
+Linux a direction whose read fills the whole buffer is a bulk flow; it switches to ``splice(2)``
+through a pipe created then, so the bytes never enter Python. Short flows (requests, handshakes,
+interactive traffic) never create a pipe. The caller owns both streams and closes them afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import cast
+
+import trio
+
+_CAN_SPLICE = sys.platform == "linux" and hasattr(os, "splice")
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _CAN_SPLICE else 0
+#: pipe capacity asked for once a direction switches to splice (the kernel may refuse: then 64 KiB)
+_PIPE_SIZE = 1 << 20
+#: loop turns without blocking after which a direction lets other tasks run
+_TURNS_BEFORE_YIELD = 16
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What happened during one :func:`relay`."""
+
+    #: bytes read from ``a`` and written to ``b``
+    a_to_b: int = 0
+    #: bytes read from ``b`` and written to ``a``
+    b_to_a: int = 0
+    #: ``"a"`` or ``"b"``: the side whose EOF or failure came first (``None``: neither, idle end)
+    first_closed: str | None = None
+    #: the relay ended because nothing moved for ``idle_timeout`` seconds
+    idle_timeout: bool = False
+    #: the relay ended because a stream broke (reset, broken pipe) rather than by EOF both ways
+    reset: bool = False
+    #: directions that switched to splice (each created one pipe)
+    spliced: int = 0
+
+
+class _Shared:
+    """State both directions of one relay touch: statistics and the idle deadline."""
+
+    __slots__ = ("idle", "refresh_at", "scope", "slack", "stats", "streams")
+
+    def __init__(
+        self, stats: RelayStats, scope: trio.CancelScope, idle: float, streams: tuple[object, ...]
+    ) -> None:
+        self.stats = stats
+        self.scope = scope
+        self.idle = idle
+        self.slack = min(idle / 20, 1.0)
+        self.streams = streams
+        now = trio.current_time()
+        self.refresh_at = now + self.slack
+        scope.deadline = now + idle + self.slack
+
+    def touch(self) -> None:
+        """Bytes moved: push the idle deadline (cheaply, at most once per ``slack``)."""
+        now = trio.current_time()
+        if now >= self.refresh_at:
+            self.refresh_at = now + self.slack
+            self.scope.deadline = now + self.idle + self.slack
+
+    def closed(self, side: str) -> None:
+        if self.stats.first_closed is None:
+            self.stats.first_closed = side
+
+    def abort(self, side: str) -> None:
+        """``side`` broke: end both directions and make the other peer see a reset."""
+        self.closed(side)
+        if not self.stats.reset:
+            self.stats.reset = True
+            for stream in self.streams:
+                if isinstance(stream, trio.SocketStream):
+                    try:
+                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    except OSError:
+                        pass
+        self.scope.cancel()
+
+
+async def relay(
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    *,
+    idle_timeout: float,
+    buffer_size: int = 65536,
+    splice: bool = True,
+) -> RelayStats:
+    """Copy bytes between ``a`` and ``b`` in both directions until both are done.
+
+    Returns when both directions reached EOF, when a stream broke, or when nothing moved for
+    ``idle_timeout`` seconds. Does not close the streams. ``splice=False`` keeps every byte in
+    user space (the zero-copy path is only used for TCP socket pairs on Linux anyway).
+    """
+    if idle_timeout <= 0:
+        raise ValueError("idle_timeout must be positive")
+    if buffer_size <= 0:
+        raise ValueError("buffer_size must be positive")
+    stats = RelayStats()
+    fast = _is_tcp_socket(a) and _is_tcp_socket(b)
+    use_splice = splice and _CAN_SPLICE
+    async with trio.open_nursery() as nursery:
+        shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
+        if fast:
+            sa, sb = cast(trio.SocketStream, a), cast(trio.SocketStream, b)
+            nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
+            await _pump_fds(shared, sa, sb, True, buffer_size, use_splice)
+        else:
+            nursery.start_soon(_pump_streams, shared, b, a, False, buffer_size)
+            await _pump_streams(shared, a, b, True, buffer_size)
+    if nursery.cancel_scope.cancelled_caught and not stats.reset:
+        stats.idle_timeout = True
+    return stats
+
+
+def _is_tcp_socket(stream: trio.abc.Stream) -> bool:
+    if type(stream) is not trio.SocketStream:
+        return False
+    sock = stream.socket
+    return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+async def _pump_streams(
+    shared: _Shared, src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool, size: int
+) -> None:
+    """One direction over the generic stream interface (memory streams, TLS, tunnels)."""
+    src_side, dst_side = ("a", "b") if forward else ("b", "a")
+    moved = 0
+    try:
+        while True:
+            try:
+                data = await src.receive_some(size)
+            except _STREAM_ERRORS:
+                shared.abort(src_side)
+                return
+            if not data:
+                break
+            try:
+                await dst.send_all(data)
+            except _STREAM_ERRORS:
+                shared.abort(dst_side)
+                return
+            moved += len(data)
+            shared.touch()
+        shared.closed(src_side)
+        if isinstance(dst, trio.abc.HalfCloseableStream):
+            try:
+                await dst.send_eof()
+            except _STREAM_ERRORS:
+                shared.abort(dst_side)
+    finally:
+        _count(shared.stats, forward, moved)
+
+
+def _count(stats: RelayStats, forward: bool, moved: int) -> None:
+    if forward:
+        stats.a_to_b += moved
+    else:
+        stats.b_to_a += moved
+
+
+class _Closed(Exception):
+    """A socket of the relay was closed by someone else while we waited."""
+
+
+async def _pump_fds(
+    shared: _Shared,
+    src: trio.SocketStream,
+    dst: trio.SocketStream,
+    forward: bool,
+    size: int,
+    use_splice: bool,
+) -> None:
+    """One direction between two TCP sockets: non-blocking copy, then splice for bulk flows."""
+    src_side, dst_side = ("a", "b") if forward else ("b", "a")
+    src_sock, dst_sock = src.socket, dst.socket
+    sfd, dfd = src_sock.fileno(), dst_sock.fileno()
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+
+    def check_open() -> None:
+        # after any wait another task may have closed a socket (and the fd number been reused)
+        if src_sock.fileno() != sfd or dst_sock.fileno() != dfd:
+            raise _Closed
+
+    moved = 0
+    turns = 0
+    pipe: tuple[int, int] | None = None
+    failed_side = src_side
+    try:
+        # copy phase: short flows live and die here
+        while True:
+            failed_side = src_side
+            try:
+                data = os.read(sfd, size)
+            except BlockingIOError:
+                await wait_readable(sfd)
+                check_open()
+                turns = 0
+                continue
+            if not data:
+                break
+            n = len(data)
+            failed_side = dst_side
+            view = memoryview(data)
+            sent = 0
+            while sent < n:
+                try:
+                    sent += os.write(dfd, view[sent:])
+                except BlockingIOError:
+                    await wait_writable(dfd)
+                    check_open()
+                    turns = 0
+            view.release()
+            moved += n
+            shared.touch()
+            if n == size and use_splice:
+                pipe = _make_pipe()
+                if pipe is not None:
+                    shared.stats.spliced += 1
+                    break
+                use_splice = False  # out of descriptors: keep copying
+            turns += 1
+            if turns >= _TURNS_BEFORE_YIELD:
+                await trio.lowlevel.checkpoint()
+                check_open()
+                turns = 0
+        if pipe is not None:
+            # splice phase: bytes go socket -> pipe -> socket inside the kernel
+            pipe_r, pipe_w = pipe
+            splice = os.splice
+            flags = _SPLICE_FLAGS
+            while True:
+                failed_side = src_side
+                try:
+                    n = splice(sfd, pipe_w, _PIPE_SIZE, flags=flags)
+                except BlockingIOError:
+                    await wait_readable(sfd)
+                    check_open()
+                    turns = 0
+                    continue
+                if n == 0:
+                    break
+                failed_side = dst_side
+                left = n
+                while left:
+                    try:
+                        left -= splice(pipe_r, dfd, left, flags=flags)
+                    except BlockingIOError:
+                        await wait_writable(dfd)
+                        check_open()
+                        turns = 0
+                moved += n
+                shared.touch()
+                turns += 1
+                if turns >= _TURNS_BEFORE_YIELD:
+                    await trio.lowlevel.checkpoint()
+                    check_open()
+                    turns = 0
+    except (OSError, _Closed, trio.ClosedResourceError):
+        shared.abort(failed_side)
+        return
+    finally:
+        _count(shared.stats, forward, moved)
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+    # EOF from src: pass it on as a FIN and let the other direction finish
+    shared.closed(src_side)
+    try:
+        dst_sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.EBADF):
+            shared.abort(dst_side)
+
+
+def _make_pipe() -> tuple[int, int] | None:
+    try:
+        pipe_r, pipe_w = os.pipe()
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except (OSError, AttributeError):
+        pass  # a smaller pipe only means more system calls
+    return pipe_r, pipe_w

@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from proxy.net.relay import RelayStats, relay
+
+MiB = 1 << 20
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two connected loopback TCP streams (client end, server end)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+    finally:
+        await listeners[0].aclose()
+    return client, server
+
+
+@asynccontextmanager
+async def relayed_tcp() -> AsyncIterator[tuple[trio.SocketStream, ...]]:
+    """``x <-> a`` and ``b <-> y`` over loopback; the test relays ``a`` and ``b``."""
+    x, a = await tcp_pair()
+    b, y = await tcp_pair()
+    try:
+        yield x, a, b, y
+    finally:
+        for stream in (x, a, b, y):
+            await stream.aclose()
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    while data := await stream.receive_some(MiB):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def run_relay(
+    a: trio.abc.Stream, b: trio.abc.Stream, out: list[RelayStats], splice: bool = True
+) -> None:
+    out.append(await relay(a, b, idle_timeout=30.0, splice=splice))
+
+
+def reset_on_close(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# -- real TCP (descriptor fast path) ---------------------------------------------------------
+
+
+async def test_relay_moves_bytes_both_ways_and_half_closes_from_a() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, a, b, out)
+            await x.send_all(b"hello")
+            assert await y.receive_some(100) == b"hello"
+            await x.send_eof()
+            assert await y.receive_some(100) == b""  # the FIN reached the far side
+            # the other direction still works after the half-close
+            await y.send_all(b"world, still here")
+            assert await x.receive_some(100) == b"world, still here"
+            await y.send_eof()
+            assert await x.receive_some(100) == b""
+    stats = out[0]
+    assert (stats.a_to_b, stats.b_to_a) == (5, 17)
+    assert stats.first_closed == "a"
+    assert not stats.reset and not stats.idle_timeout
+    assert stats.spliced == 0  # short flows never create a pipe
+
+
+async def test_relay_half_close_from_b_first() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, a, b, out)
+            await y.send_all(b"banner")
+            await y.send_eof()
+            assert await receive_all(x) == b"banner"
+            await x.send_all(b"late request")
+            assert await y.receive_some(100) == b"late request"
+            await x.send_eof()
+            assert await y.receive_some(100) == b""
+    assert out[0].first_closed == "b"
+    assert (out[0].a_to_b, out[0].b_to_a) == (12, 6)
+
+
+async def _bulk(x: trio.SocketStream, y: trio.SocketStream, size: int) -> tuple[str, str]:
+    """Send ``size`` pseudo-random bytes x -> y and y -> x at once; return both digests."""
+    block = os.urandom(MiB)
+    sent = hashlib.sha256()
+    for _ in range(size // MiB):
+        sent.update(block)
+    results: dict[str, str] = {}
+
+    async def send(stream: trio.SocketStream) -> None:
+        for _ in range(size // MiB):
+            await stream.send_all(block)
+        await stream.send_eof()
+
+    async def receive(stream: trio.SocketStream, key: str) -> None:
+        digest = hashlib.sha256()
+        while data := await stream.receive_some(MiB):
+            digest.update(data)
+        results[key] = digest.hexdigest()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, x)
+        nursery.start_soon(send, y)
+        nursery.start_soon(receive, y, "x_to_y")
+        nursery.start_soon(receive, x, "y_to_x")
+    assert results == {"x_to_y": sent.hexdigest(), "y_to_x": sent.hexdigest()}
+    return results["x_to_y"], results["y_to_x"]
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_relay_large_transfer_intact(splice: bool) -> None:
+    size = 32 * MiB
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, a, b, out, splice)
+            await _bulk(x, y, size)
+    stats = out[0]
+    assert stats.a_to_b == stats.b_to_a == size
+    assert not stats.reset
+    if splice and hasattr(os, "splice"):
+        assert stats.spliced == 2
+    else:
+        assert stats.spliced == 0
+
+
+async def test_relay_peer_reset_ends_both_and_resets_other_side() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, a, b, out)
+            await x.send_all(b"request")
+            assert await y.receive_some(100) == b"request"
+            reset_on_close(y)
+            await y.aclose()  # RST to b
+        assert out[0].reset and out[0].first_closed == "b"
+        await a.aclose()  # the relay armed a reset on close
+        with pytest.raises(trio.BrokenResourceError):
+            await receive_all(x)
+
+
+async def test_relay_idle_timeout_on_sockets(autojump_clock: trio.testing.MockClock) -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        await x.send_all(b"queued before the relay starts")
+        start = trio.current_time()
+        stats = await relay(a, b, idle_timeout=60)
+        assert stats.idle_timeout and not stats.reset
+        assert 60 <= trio.current_time() - start <= 61.5
+        assert stats.a_to_b == 30
+        assert await y.receive_some(100) == b"queued before the relay starts"
+
+
+async def test_relay_no_descriptor_leak() -> None:
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def one(i: int) -> None:
+        async with relayed_tcp() as (x, a, b, y):
+            out: list[RelayStats] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_relay, a, b, out)
+                if i % 3 == 0:
+                    await _bulk(x, y, 2 * MiB)  # creates pipes
+                elif i % 3 == 1:
+                    await x.send_all(b"x")
+                    await y.receive_some(10)
+                    reset_on_close(y)
+                    await y.aclose()
+                else:
+                    await x.send_eof()
+                    await y.send_eof()
+
+    await one(0)  # warm up anything created once
+    before = count()
+    for i in range(30):
+        await one(i)
+    assert count() == before
+
+
+# -- generic streams (memory streams, mixed pairs) -------------------------------------------
+
+
+async def test_relay_memory_streams_both_ways_with_half_close() -> None:
+    x, a = trio.testing.memory_stream_pair()
+    b, y = trio.testing.memory_stream_pair()
+    out: list[RelayStats] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_relay, a, b, out)
+        await x.send_all(b"abc")
+        assert await y.receive_some(10) == b"abc"
+        await y.send_all(b"defg")
+        assert await x.receive_some(10) == b"defg"
+        await y.send_eof()
+        assert await x.receive_some(10) == b""
+        await x.send_all(b"more")
+        assert await y.receive_some(10) == b"more"
+        await x.send_eof()
+    assert (out[0].a_to_b, out[0].b_to_a, out[0].first_closed) == (7, 4, "b")
+
+
+async def test_relay_idle_timeout_is_shared(autojump_clock: trio.testing.MockClock) -> None:
+    x, a = trio.testing.memory_stream_pair()
+    b, y = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    out: list[RelayStats] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_relay, a, b, out)
+        # traffic one way only keeps the whole relay alive
+        for _ in range(10):
+            await trio.sleep(20)
+            await x.send_all(b".")
+            assert await y.receive_some(10) == b"."
+        last = trio.current_time()
+    end = trio.current_time()
+    assert last - start == pytest.approx(200)
+    assert out[0].idle_timeout and out[0].first_closed is None
+    assert 30 <= end - last <= 31.5
+
+
+async def test_relay_mixed_pair_reset_ends_relay() -> None:
+    x, a = trio.testing.memory_stream_pair()
+    b, y = await tcp_pair()
+    out: list[RelayStats] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_relay, a, b, out)
+        await x.send_all(b"hi")
+        assert await y.receive_some(10) == b"hi"
+        reset_on_close(y)
+        await y.aclose()
+    assert out[0].reset and out[0].first_closed == "b"
+    await b.aclose()
+
+
+async def test_relay_rejects_bad_arguments() -> None:
+    x, a = trio.testing.memory_stream_pair()
+    with pytest.raises(ValueError):
+        await relay(x, a, idle_timeout=0)
+    with pytest.raises(ValueError):
+        await relay(x, a, idle_timeout=1, buffer_size=0)
