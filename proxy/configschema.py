@@ -111,8 +111,8 @@ def _syntax_error(message: str, source: str) -> ConfigError:
 
 def join_key(path: str, key: str) -> str:
     """``join_key("inbound[0]", "allow") == "inbound[0].allow"``; indexes attach directly."""
-    if not path:
-        return key
+    if not path or not key:
+        return path or key
     return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
 
 

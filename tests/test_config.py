@@ -732,6 +732,23 @@ def test_configschema_builds_nested_and_optional_fields() -> None:
     assert from_toml(Tree, to_toml(tree), "again") == tree
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pair:
+    low: int = 0
+    high: int = 0
+
+    def validate(self) -> None:
+        if self.low > self.high:
+            raise ConfigError("low must not exceed high")
+
+
+def test_configschema_validate_hook_without_key_points_at_the_table() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_toml(Pair, "low = 2\nhigh = 1\n", "pair.toml")
+    assert (info.value.key, info.value.line) == (None, None)
+    assert str(info.value) == "pair.toml: low must not exceed high"
+
+
 def test_configschema_nested_array_of_tables_lines() -> None:
     text = toml(
         """

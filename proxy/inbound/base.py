@@ -16,6 +16,8 @@ from typing import Protocol
 
 import trio
 
+from proxy.net.stream import TcpStream
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -123,7 +125,7 @@ class InboundContext(Protocol):
         Returns when the tunnel is over; the caller then closes the client stream.
         """
 
-    async def connect(self, target: Target, *, client: tuple[str, int]) -> trio.SocketStream:
+    async def connect(self, target: Target, *, client: tuple[str, int]) -> TcpStream:
         """Open an upstream connection for an inbound that talks to the origin itself
         (HTTP absolute-form forwarding). Raises an ``UpstreamError`` subclass on failure."""
 

@@ -23,9 +23,10 @@ import trio
 
 from proxy.errors import ConnectRefused, ConnectTimeout, Unreachable, UpstreamError
 from proxy.inbound.base import IPAddress
+from proxy.net.stream import FastStream, TcpStream
 
 #: how an attempt connects one address; tests inject a fake through ``open_tcp(_connect=...)``
-ConnectFn = Callable[[IPAddress, int], Awaitable[trio.SocketStream]]
+ConnectFn = Callable[[IPAddress, int], Awaitable[TcpStream]]
 
 _REFUSED = frozenset({errno.ECONNREFUSED})
 _UNREACHABLE = frozenset(
@@ -115,7 +116,7 @@ async def open_tcp(
     timeout: float = 10.0,
     nodelay: bool = True,
     _connect: ConnectFn | None = None,
-) -> trio.SocketStream:
+) -> TcpStream:
     """Connect to ``port`` on one of ``addresses`` and return the first stream that connects.
 
     Raises :class:`ConnectTimeout` when nothing connected within ``timeout`` seconds,
@@ -130,7 +131,7 @@ async def open_tcp(
         connect = _connect
     else:
 
-        async def connect(address: IPAddress, port: int) -> trio.SocketStream:
+        async def connect(address: IPAddress, port: int) -> TcpStream:
             return await _connect_socket(address, port, nodelay)
 
     if len(ordered) == 1:
@@ -150,8 +151,8 @@ async def _race(
     attempt_delay: float,
     limit: float,
     connect: ConnectFn,
-) -> trio.SocketStream:
-    winner: trio.SocketStream | None = None
+) -> TcpStream:
+    winner: TcpStream | None = None
     failures: list[tuple[IPAddress, BaseException]] = []
     started: list[IPAddress] = []
 
@@ -226,7 +227,7 @@ def _sockaddr(address: IPAddress, port: int) -> tuple[str, int] | tuple[str, int
     return (str(address), port, 0, 0)
 
 
-async def _connect_socket(address: IPAddress, port: int, nodelay: bool) -> trio.SocketStream:
+async def _connect_socket(address: IPAddress, port: int, nodelay: bool) -> TcpStream:
     """Non-blocking connect of one TCP socket, closed again on failure or cancellation."""
     await trio.lowlevel.checkpoint_if_cancelled()
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
@@ -242,7 +243,7 @@ async def _connect_socket(address: IPAddress, port: int, nodelay: bool) -> trio.
         if err:
             raise OSError(err, os.strerror(err))
         # SocketStream turns TCP_NODELAY on by itself
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        stream = FastStream(trio.socket.from_stdlib_socket(sock))
         if not nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
     except BaseException:

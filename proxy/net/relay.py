@@ -36,6 +36,8 @@ from typing import cast
 
 import trio
 
+from proxy.net.stream import FastStream, TcpStream
+
 _CAN_SPLICE = sys.platform == "linux" and hasattr(os, "splice")
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _CAN_SPLICE else 0
 #: pipe capacity asked for once a direction switches to splice (the kernel may refuse: then 64 KiB)
@@ -98,7 +100,7 @@ class _Shared:
         if not self.stats.reset:
             self.stats.reset = True
             for stream in self.streams:
-                if isinstance(stream, trio.SocketStream):
+                if isinstance(stream, trio.SocketStream | FastStream):
                     try:
                         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     except OSError:
@@ -130,7 +132,7 @@ async def relay(
     async with trio.open_nursery() as nursery:
         shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
         if fast:
-            sa, sb = cast(trio.SocketStream, a), cast(trio.SocketStream, b)
+            sa, sb = cast(TcpStream, a), cast(TcpStream, b)
             nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
             await _pump_fds(shared, sa, sb, True, buffer_size, use_splice)
         else:
@@ -142,7 +144,7 @@ async def relay(
 
 
 def _is_tcp_socket(stream: trio.abc.Stream) -> bool:
-    if type(stream) is not trio.SocketStream:
+    if not isinstance(stream, trio.SocketStream | FastStream):
         return False
     sock = stream.socket
     return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -193,8 +195,8 @@ class _Closed(Exception):
 
 async def _pump_fds(
     shared: _Shared,
-    src: trio.SocketStream,
-    dst: trio.SocketStream,
+    src: TcpStream,
+    dst: TcpStream,
     forward: bool,
     size: int,
     use_splice: bool,

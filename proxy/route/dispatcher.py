@@ -31,6 +31,7 @@ from proxy.inbound.base import (
 )
 from proxy.net.dial import open_tcp
 from proxy.net.relay import relay
+from proxy.net.stream import TcpStream
 from proxy.resolve.base import Resolver
 from proxy.route.firstflight import FirstFlight, read_first_flight
 
@@ -77,7 +78,7 @@ class Dispatcher:
             return addrs
         raise ResolveError(f"{target.host}: resolver timed out")
 
-    async def connect(self, target: Target) -> trio.SocketStream:
+    async def connect(self, target: Target) -> TcpStream:
         """Open a direct TCP connection to ``target``."""
         addrs = await self.resolve(target.host)
         return await open_tcp(
@@ -149,7 +150,7 @@ class InboundContextImpl:
     async def tunnel(self, request: Request, replier: Replier) -> None:
         await self.dispatcher.tunnel(request, replier)
 
-    async def connect(self, target: Target, *, client: tuple[str, int]) -> trio.SocketStream:
+    async def connect(self, target: Target, *, client: tuple[str, int]) -> TcpStream:
         return await self.dispatcher.connect(target)
 
     async def resolve(self, host: str) -> Sequence[IPAddress]:
