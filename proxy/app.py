@@ -21,6 +21,8 @@ from proxy.config import Config, InboundConfig, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
 from proxy.inbound.listener import InboundServer, open_listeners
+from proxy.resolve.base import Resolver
+from proxy.resolve.plain import PlainResolver
 from proxy.resolve.system import SystemResolver
 from proxy.route.dispatcher import Dispatcher, DispatchSettings
 
@@ -54,6 +56,13 @@ def dispatch_settings(config: Config) -> DispatchSettings:
     )
 
 
+def make_resolver(config: Config) -> Resolver:
+    """The resolver the ``[dns]`` section asks for."""
+    if config.dns.resolver == "udp":
+        return PlainResolver(config.dns.server_addresses, timeout=config.dns.timeout)
+    return SystemResolver(timeout=config.dns.timeout)
+
+
 def inbound_settings(inbound: InboundConfig) -> InboundSettings:
     return InboundSettings(
         name=inbound.name,
@@ -81,7 +90,7 @@ class App:
     def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.dispatcher = Dispatcher(dispatch_settings(config), SystemResolver())
+        self.dispatcher = Dispatcher(dispatch_settings(config), make_resolver(config))
         self._running: dict[str, _Running] = {}
         #: servers removed by a reload whose clients may still be connected
         self._retired: list[InboundServer] = []
@@ -196,7 +205,7 @@ class App:
         assert self._nursery is not None
         dispatcher = self.dispatcher
         if not initial:
-            dispatcher = Dispatcher(dispatch_settings(config), SystemResolver())
+            dispatcher = Dispatcher(dispatch_settings(config), make_resolver(config))
         wanted = {inb.listen: inb for inb in config.inbound}
         for listen, running in list(self._running.items()):
             inb = wanted.get(listen)

@@ -56,6 +56,32 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # --- value rules -------------------------------------------------------------------------------
 
 
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """``"192.0.2.53"``, ``"192.0.2.53:5353"``, ``"[2001:db8::53]:53"`` -> (ip, port).
+
+    A DNS server is always an IP literal: looking up the resolver's own name would need a
+    resolver. Raises ``ValueError`` saying why not.
+    """
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            host, port = text.strip("[]"), "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address; a DNS server must be one") from None
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port; use a number from 1 to 65535")
+    return str(ip), int(port)
+
+
+def _check_dns_server(value: str) -> None:
+    parse_dns_server(value)
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split ``"127.0.0.1:1080"``, ``"[::1]:1080"`` or ``"localhost:1080"`` into host and port.
 
@@ -231,10 +257,25 @@ class RelayConfig:
 class DnsConfig:
     """Turning destination names into addresses."""
 
-    #: "system" asks the operating system's resolver
-    resolver: Literal["system"] = "system"
+    #: "system" asks the operating system's resolver; "udp" asks `servers` directly over
+    #: plain DNS (UDP, TCP when the answer is truncated)
+    resolver: Literal["system", "udp"] = "system"
+    #: "ip" or "ip:port" of plain DNS servers, tried in order (for resolver = "udp")
+    servers: tuple[str, ...] = option((), each=_check_dns_server)
     #: seconds to wait for an answer
     timeout: float = option(5.0, check=positive)
+
+    def validate(self) -> None:
+        if self.resolver == "udp" and not self.servers:
+            raise ConfigError(
+                'resolver = "udp" needs at least one server, e.g. servers = ["192.0.2.53:53"]',
+                key="servers",
+            )
+
+    @property
+    def server_addresses(self) -> tuple[tuple[str, int], ...]:
+        """``servers`` as (ip, port) pairs."""
+        return tuple(parse_dns_server(s) for s in self.servers)
 
 
 @dataclass(frozen=True, slots=True)
