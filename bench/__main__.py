@@ -20,10 +20,17 @@ def main() -> None:
     spawn = socks.add_mutually_exclusive_group()
     spawn.add_argument("--spawn-sidestep", action="store_true", help="start `python -m proxy run`")
     spawn.add_argument("--spawn-microsocks", action="store_true", help="start microsocks")
+    spawn.add_argument("--spawn-dante", action="store_true", help="start danted")
     socks.add_argument("--bulk-mib", type=int, default=1024)
     socks.add_argument("--connections", type=int, default=2000, help="per connection-rate test")
     socks.add_argument("--concurrency", type=int, default=200)
     socks.add_argument("--idle", type=int, default=1000, help="idle tunnels for the memory test")
+    cmp = sub.add_parser("compare", help="sidestep, microsocks and dante in one run")
+    cmp.add_argument("--port", type=int, default=18080, help="first of the ports to spawn on")
+    cmp.add_argument("--bulk-mib", type=int, default=1024)
+    cmp.add_argument("--connections", type=int, default=2000)
+    cmp.add_argument("--concurrency", type=int, default=200)
+    cmp.add_argument("--idle", type=int, default=1000)
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -31,6 +38,10 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown modes {sorted(unknown)}")
         run_relay_bench(args.size_mib << 20, modes, args.repeat)
+    elif args.cmd == "compare":
+        from bench.compare import run_compare
+
+        run_compare(args)
     else:
         from bench.socks import run_socks_bench
 

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib.util
 import ipaddress
+import os
 import resource
 import shutil
 import socket
@@ -37,7 +38,26 @@ Opener = Callable[[int], socket.socket]
 
 def sidestep_config(port: int) -> str:
     """The config ``--spawn-sidestep`` writes (tentative shape: the only place that knows it)."""
-    return f'[[inbound]]\nname = "bench"\nprotocol = "socks5"\nlisten = "127.0.0.1:{port}"\n'
+    level = os.environ.get("BENCH_SIDESTEP_LOG", "info")
+    return (
+        f'[[inbound]]\nname = "bench"\nprotocol = "socks5"\nlisten = "127.0.0.1:{port}"\n'
+        f'[log]\nlevel = "{level}"\n'
+    )
+
+
+def dante_config(port: int) -> str:
+    """A loopback-only danted.conf without authentication (dante 1.4 syntax)."""
+    return (
+        "logoutput: stderr\n"
+        f"internal: 127.0.0.1 port = {port}\n"
+        "external: 127.0.0.1\n"
+        "clientmethod: none\n"
+        "socksmethod: none\n"
+        "user.privileged: root\n"
+        "user.unprivileged: nobody\n"
+        "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+        "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+    )
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -209,6 +229,13 @@ def spawned_proxy(kind: str, port: int) -> Iterator[int]:
             config = Path(tmp) / "bench.toml"
             config.write_text(sidestep_config(port))
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
+        elif kind == "dante":
+            binary = shutil.which("danted") or shutil.which("sockd")
+            if binary is None:
+                raise SystemExit("dante is not installed (apt-get install dante-server)")
+            config = Path(tmp) / "danted.conf"
+            config.write_text(dante_config(port))
+            cmd = [binary, "-f", str(config)]
         else:
             binary = shutil.which("microsocks")
             if binary is None:
@@ -295,7 +322,15 @@ def run_socks_bench(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.idle + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # children inherit it
-    kind = "sidestep" if args.spawn_sidestep else "microsocks" if args.spawn_microsocks else None
+    kind = (
+        "sidestep"
+        if args.spawn_sidestep
+        else "microsocks"
+        if args.spawn_microsocks
+        else "dante"
+        if args.spawn_dante
+        else None
+    )
     print(f"SOCKS5 benchmark on 127.0.0.1:{args.port} ({kind or 'already running'})")
     if kind is None:
         _measure(args, args.pid)

@@ -20,7 +20,7 @@ import trio
 from proxy.config import Config, InboundConfig, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
-from proxy.inbound.listener import InboundServer, open_listeners
+from proxy.inbound.listener import InboundServer, RawListener, open_listeners
 from proxy.resolve.base import Resolver
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.system import SystemResolver
@@ -183,9 +183,9 @@ class App:
         fresh = await self._bind_new(config)
         self._swap(config, fresh, initial=initial)
 
-    async def _bind_new(self, config: Config) -> dict[str, list[trio.SocketListener]]:
+    async def _bind_new(self, config: Config) -> dict[str, list[RawListener]]:
         """Bind every address the config names that is not bound yet; all or nothing."""
-        fresh: dict[str, list[trio.SocketListener]] = {}
+        fresh: dict[str, list[RawListener]] = {}
         try:
             for inb in config.inbound:
                 if inb.listen not in self._running and inb.listen not in fresh:
@@ -197,9 +197,7 @@ class App:
             raise
         return fresh
 
-    def _swap(
-        self, config: Config, fresh: dict[str, list[trio.SocketListener]], *, initial: bool
-    ) -> None:
+    def _swap(self, config: Config, fresh: dict[str, list[RawListener]], *, initial: bool) -> None:
         # Running inbounds are keyed by their listen address: an inbound whose address is
         # unchanged keeps its socket (and its clients) and only gets the new settings.
         assert self._nursery is not None
@@ -240,14 +238,14 @@ class App:
 
 async def _serve_in_scope(
     server: InboundServer,
-    listeners: list[trio.SocketListener],
+    listeners: list[RawListener],
     scope: trio.CancelScope,
 ) -> None:
     with scope:
         await server.serve(listeners)
 
 
-async def _bind(inb: InboundConfig) -> list[trio.SocketListener]:
+async def _bind(inb: InboundConfig) -> list[RawListener]:
     host, port = split_listen(inb.listen)
     try:
         return await open_listeners(host, port)

@@ -9,6 +9,7 @@ the client "connected" or "failed" in its own protocol. The pipeline decides whe
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,24 @@ import trio
 from proxy.net.stream import TcpStream
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# Parsing an address costs more than the rest of a SOCKS handshake; clients repeat a few targets.
+@functools.lru_cache(maxsize=4096)
+def _ip_of(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_host(host: str) -> str:
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    ip = _ip_of(h)
+    return str(ip) if ip is not None else h.rstrip(".").lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,21 +53,12 @@ class Target:
     @property
     def ip(self) -> IPAddress | None:
         """The host as an address when it is an IP literal, else ``None``."""
-        try:
-            return ipaddress.ip_address(self.host)
-        except ValueError:
-            return None
+        return _ip_of(self.host)
 
     @classmethod
     def parse(cls, host: str, port: int) -> Target:
         """Normalise ``host`` (strip brackets/trailing dot, lower-case, canonical IP form)."""
-        h = host.strip()
-        if h.startswith("[") and h.endswith("]"):
-            h = h[1:-1]
-        try:
-            return cls(str(ipaddress.ip_address(h)), port)
-        except ValueError:
-            return cls(h.rstrip(".").lower(), port)
+        return cls(_normal_host(host), port)
 
     def __str__(self) -> str:
         if ":" in self.host:

@@ -12,6 +12,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,13 +77,13 @@ class InboundServer:
         for scope in self._accept_scopes:
             scope.cancel()
 
-    def bind_info(self, listeners: Sequence[trio.SocketListener]) -> None:
+    def bind_info(self, listeners: Sequence[RawListener]) -> None:
         """Record the address actually bound (port 0 in a config gets a real port)."""
         if listeners:
             name = listeners[0].socket.getsockname()
             self.bound = (name[0], name[1])
 
-    async def serve(self, listeners: Iterable[trio.SocketListener]) -> None:
+    async def serve(self, listeners: Iterable[RawListener]) -> None:
         """Accept clients on ``listeners`` until :meth:`stop_accepting`, then wait for the
         clients still connected (cancel the caller's scope to cut them off)."""
         listeners = list(listeners)
@@ -91,42 +92,58 @@ class InboundServer:
             for listener in listeners:
                 nursery.start_soon(self._accept_loop, listener)
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+    async def _accept_loop(self, listener: RawListener) -> None:
         # Each client runs in its own task in this nursery so that closing the listener (stop
         # accepting) and cancelling the clients (end of drain) are separate steps.
         scope = trio.CancelScope()
         self._accept_scopes.append(scope)
         async with trio.open_nursery() as clients:
             with scope:
-                async with listener:
-                    await self._accept_forever(listener, clients)
+                try:
+                    await self._accept_forever(listener.socket, clients)
+                finally:
+                    await listener.aclose()
 
-    async def _accept_forever(self, listener: trio.SocketListener, clients: trio.Nursery) -> None:
+    async def _accept_forever(self, sock: socket.socket, clients: trio.Nursery) -> None:
+        # A non-blocking accept() straight on the socket: trio's accept() ends every success
+        # with a scheduler pass, and a burst of clients can be taken in one wake-up.
+        accepted = 0
         while True:
             try:
-                sock = await listener.socket.accept()
+                conn, peer = sock.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
             except OSError as exc:
                 if exc.errno in _ACCEPT_RETRY_ERRNOS:
                     log.warning("%s: accept failed (%s); retrying", self.name, exc.strerror)
                     await trio.sleep(0.1)
                     continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while queued
                 raise
-            conn, peer = sock
             if not client_allowed(peer[0], self.allow):
                 log.warning("%s: refused client %s: not in the allow list", self.name, peer[0])
                 conn.close()
                 continue
-            # small handshake replies must not wait for Nagle
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            clients.start_soon(self._handle, conn, (peer[0], peer[1]))
+            clients.start_soon(self._handle, trio.socket.from_stdlib_socket(conn), peer[:2])
+            accepted += 1
+            if accepted >= 32:  # let the clients we took run before taking more
+                accepted = 0
+                await trio.lowlevel.checkpoint()
 
     async def _handle(self, sock: trio.socket.SocketType, peer: tuple[str, int]) -> None:
         self.active += 1
         stream = FastStream(sock)
         try:
-            first = b""
-            with trio.move_on_after(self.ctx.settings.handshake_timeout):
-                first = await stream.receive_some(4096)
+            try:
+                # with TCP_DEFER_ACCEPT the first bytes are usually here already: no timer
+                first = os.read(sock.fileno(), 4096)
+            except BlockingIOError:
+                first = b""
+                with trio.move_on_after(self.ctx.settings.handshake_timeout):
+                    first = await stream.receive_some(4096)
             if not first:
                 return
             picked = pick_handler(self.protocol, first[0])
@@ -151,16 +168,29 @@ class InboundServer:
             stream.socket.close()
 
 
-async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+@dataclass(slots=True)
+class RawListener:
+    """A listening socket we accept on directly (see ``_accept_forever``)."""
+
+    socket: socket.socket
+
+    async def aclose(self) -> None:
+        trio.lowlevel.notify_closing(self.socket)
+        self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def open_listeners(host: str, port: int) -> list[RawListener]:
     """Bind ``host:port`` (an IP literal or ``localhost``) with SO_REUSEADDR."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             # "::" means both families only when the sysctl says so; be explicit
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        await sock.bind((host, port))
+        sock.bind((host, port))
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
             # Our clients always speak first: let the kernel hand us a connection only once its
             # first bytes are there. Saves a wake-up per connection, and silent clients cost
@@ -170,4 +200,5 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     except BaseException:
         sock.close()
         raise
-    return [trio.SocketListener(sock)]
+    await trio.lowlevel.checkpoint()
+    return [RawListener(sock)]

@@ -69,12 +69,13 @@ class RelayStats:
 class _Shared:
     """State both directions of one relay touch: statistics and the idle deadline."""
 
-    __slots__ = ("idle", "refresh_at", "scope", "slack", "stats", "streams")
+    __slots__ = ("closing", "idle", "refresh_at", "scope", "slack", "stats", "streams")
 
     def __init__(
         self, stats: RelayStats, scope: trio.CancelScope, idle: float, streams: tuple[object, ...]
     ) -> None:
         self.stats = stats
+        self.closing = False
         self.scope = scope
         self.idle = idle
         self.slack = min(idle / 20, 1.0)
@@ -115,11 +116,14 @@ async def relay(
     idle_timeout: float,
     buffer_size: int = 65536,
     splice: bool = True,
+    closing: bool = False,
 ) -> RelayStats:
     """Copy bytes between ``a`` and ``b`` in both directions until both are done.
 
     Returns when both directions reached EOF, when a stream broke, or when nothing moved for
-    ``idle_timeout`` seconds. Does not close the streams. ``splice=False`` keeps every byte in
+    ``idle_timeout`` seconds. Does not close the streams. ``closing=True`` promises that the
+    caller closes both streams as soon as this returns: the last FIN is then left to that close
+    instead of costing a ``shutdown()`` of its own. ``splice=False`` keeps every byte in
     user space (the zero-copy path is only used for TCP socket pairs on Linux anyway).
     """
     if idle_timeout <= 0:
@@ -131,6 +135,7 @@ async def relay(
     use_splice = splice and _CAN_SPLICE
     async with trio.open_nursery() as nursery:
         shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
+        shared.closing = closing
         if fast:
             sa, sb = cast(TcpStream, a), cast(TcpStream, b)
             nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
@@ -296,7 +301,10 @@ async def _pump_fds(
             os.close(pipe[0])
             os.close(pipe[1])
     # EOF from src: pass it on as a FIN and let the other direction finish
+    last = shared.stats.first_closed == dst_side
     shared.closed(src_side)
+    if last and shared.closing:
+        return  # the caller's close() sends this FIN
     try:
         dst_sock.shutdown(socket.SHUT_WR)
     except OSError as exc:

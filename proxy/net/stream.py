@@ -10,7 +10,9 @@ other tasks it still yields every :data:`YIELD_EVERY` calls that did not wait.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 
 import trio
 
@@ -19,19 +21,24 @@ YIELD_EVERY = 16
 
 
 class FastStream(trio.abc.HalfCloseableStream):
-    """A TCP stream like :class:`trio.SocketStream` (which it wraps for the waiting paths)
-    whose I/O skips the scheduler when it need not wait.
+    """A TCP stream with the interface of :class:`trio.SocketStream`, whose I/O skips the
+    scheduler when it need not wait.
 
     Cancellation is still honoured: it is checked whenever a call waits and at least every
-    :data:`YIELD_EVERY` calls.
+    :data:`YIELD_EVERY` calls. Concurrent calls of the same direction are the caller's bug (as
+    with any trio stream) and are not detected here.
     """
 
-    __slots__ = ("_quick", "inner", "socket")
+    __slots__ = ("_quick", "socket")
 
-    def __init__(self, socket: trio.socket.SocketType) -> None:
-        self.inner = trio.SocketStream(socket)
-        self.socket = socket
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("FastStream needs a SOCK_STREAM socket")
+        self.socket = sock
         self._quick = 0
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # handshake replies and first flights are small: never hold them for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     async def _fair(self) -> None:
         self._quick += 1
@@ -39,48 +46,62 @@ class FastStream(trio.abc.HalfCloseableStream):
             self._quick = 0
             await trio.lowlevel.checkpoint()
 
+    def _fd(self) -> int:
+        fd = self.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("this stream was closed")
+        return fd
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = 65536 if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        fd = self.socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("this stream was closed")
-        try:
-            data = os.read(fd, size)
-        except BlockingIOError:
-            self._quick = 0
-            return await self.inner.receive_some(size)
-        except OSError as exc:
-            raise trio.BrokenResourceError(exc) from exc
-        await self._fair()
-        return data
+        fd = self._fd()
+        while True:
+            try:
+                data = os.read(fd, size)
+            except BlockingIOError:
+                self._quick = 0
+                await trio.lowlevel.wait_readable(self.socket)
+                fd = self._fd()
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            await self._fair()
+            return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        fd = self.socket.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("this stream was closed")
-        view = memoryview(data)
-        try:
-            sent = os.write(fd, view) if view.nbytes else 0
-        except BlockingIOError:
+        fd = self._fd()
+        with memoryview(data) as view:
             sent = 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(exc) from exc
-        if sent < view.nbytes:
-            self._quick = 0
-            await self.inner.send_all(view[sent:])
-            return
+            total = view.nbytes
+            while sent < total:
+                try:
+                    sent += os.write(fd, view[sent:])
+                except BlockingIOError:
+                    self._quick = 0
+                    await trio.lowlevel.wait_writable(self.socket)
+                    fd = self._fd()
+                except OSError as exc:
+                    raise trio.BrokenResourceError(exc) from exc
         await self._fair()
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
+        self._fd()
+        await trio.lowlevel.wait_writable(self.socket)
 
     async def send_eof(self) -> None:
-        await self.inner.send_eof()
+        self._fd()
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise trio.BrokenResourceError(exc) from exc
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        self.socket.close()
+        await trio.lowlevel.checkpoint()
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
         self.socket.setsockopt(level, option, value)

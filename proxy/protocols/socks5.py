@@ -20,6 +20,7 @@ an event the current state does not allow raises :class:`~proxy.errors.LocalProt
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -238,13 +239,22 @@ def decode_domain(raw: bytes, *, reply_code: int | None = None) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1024)
+def _packed_ip(host: str) -> bytes | None:
+    """``host`` as 4 or 16 packed bytes when it is an IP literal (cached: replies repeat the
+    same few bound addresses), else ``None``."""
+    try:
+        return ipaddress.ip_address(host).packed
+    except ValueError:
+        return None
+
+
 def address_type_of(host: str) -> AddressType:
     """The SOCKS5 address type that ``host`` is sent as."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    packed = _packed_ip(host)
+    if packed is None:
         return AddressType.DOMAIN
-    return AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
+    return AddressType.IPV4 if len(packed) == 4 else AddressType.IPV6
 
 
 def encode_address(host: str, port: int, address_type: AddressType | None = None) -> bytes:
@@ -265,13 +275,12 @@ def encode_address(host: str, port: int, address_type: AddressType | None = None
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot send host {host!r}: {exc}") from None
         return bytes([kind, len(name)]) + name + port.to_bytes(2, "big")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise LocalProtocolError(f"{host!r} is not an IP address") from None
-    if (ip.version == 4) != (kind is AddressType.IPV4):
+    packed = _packed_ip(host)
+    if packed is None:
+        raise LocalProtocolError(f"{host!r} is not an IP address")
+    if (len(packed) == 4) != (kind is AddressType.IPV4):
         raise LocalProtocolError(f"{host!r} does not match address type {kind.name}")
-    return bytes([kind]) + ip.packed + port.to_bytes(2, "big")
+    return bytes([kind]) + packed + port.to_bytes(2, "big")
 
 
 def _parse_address(buf: bytes | bytearray, pos: int) -> tuple[AddressType, str, int, int] | None:

@@ -80,7 +80,8 @@ class Dispatcher:
 
     async def connect(self, target: Target) -> TcpStream:
         """Open a direct TCP connection to ``target``."""
-        addrs = await self.resolve(target.host)
+        ip = target.ip
+        addrs = [ip] if ip is not None else await self.resolve(target.host)
         return await open_tcp(
             addrs,
             target.port,
@@ -124,6 +125,7 @@ class Dispatcher:
                         idle_timeout=s.idle_timeout,
                         buffer_size=s.buffer_size,
                         splice=s.splice,
+                        closing=True,
                     )
                     up += stats.a_to_b
                     down += stats.b_to_a

@@ -255,3 +255,23 @@ async def test_relay_rejects_bad_arguments() -> None:
         await relay(x, a, idle_timeout=0)
     with pytest.raises(ValueError):
         await relay(x, a, idle_timeout=1, buffer_size=0)
+
+
+async def test_relay_closing_leaves_the_last_fin_to_the_callers_close() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_closing_relay, a, b, out)
+            await x.send_all(b"ping")
+            await x.send_eof()
+            assert await receive_all(y) == b"ping"
+            await y.send_all(b"pong")
+            await y.send_eof()
+        # the relay is over; the FIN towards x comes from closing a, as the dispatcher does
+        assert out[0].b_to_a == 4
+        await a.aclose()
+        assert await receive_all(x) == b"pong"
+
+
+async def run_closing_relay(a: trio.abc.Stream, b: trio.abc.Stream, out: list[RelayStats]) -> None:
+    out.append(await relay(a, b, idle_timeout=30.0, closing=True))
