@@ -1,0 +1,268 @@
+"""Trying strategies in turn (``fallback``) or in a staggered race (``race``) with replay.
+
+Each attempt opens a path with one strategy, sends the client's first flight through it and
+waits for the first response bytes. Only a plausible first response (for TLS: the start of a
+ServerHello) counts as success; everything else is classified (:mod:`proxy.detect.outcome`) and
+the next strategy gets the same first flight. The client only ever sees the winner.
+
+Two cases skip the wait for a response, because no judgement could follow from it: an empty
+first flight (the server speaks first, or the client is waiting for us), and the last candidate
+of a ``fallback`` policy (there is nothing left to fall back to, and a slow but working server
+must not be cut off).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import trio
+
+from proxy.detect.outcome import Outcome, judge_first_response, outcome_of_connect_error
+from proxy.errors import ProxyError, ResolveError, UpstreamError
+from proxy.inbound.base import IPAddress, Target
+from proxy.strategies.base import Strategy
+
+log = logging.getLogger("sidestep.route")
+
+#: bytes read while waiting for the first response (a ServerHello fits easily)
+FIRST_RESPONSE_READ = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """An ordered list of strategy names and how to try them."""
+
+    name: str
+    strategies: tuple[str, ...]
+    mode: Literal["fallback", "race"] = "fallback"
+    #: delay between race starts, as in Happy Eyeballs
+    stagger: float = 0.25
+    #: seconds one attempt may take to connect and get its first response
+    attempt_timeout: float = 8.0
+    #: when every strategy failed: "fail" closes the client, "direct" tries a plain connection
+    on_all_failed: Literal["fail", "direct"] = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """What happened to one attempt."""
+
+    strategy: str
+    outcome: Outcome
+    duration: float
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Winner:
+    """The strategy that got through, its stream and the response bytes already read."""
+
+    strategy: str
+    stream: trio.abc.HalfCloseableStream
+    response: bytes
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+
+class AllFailed(UpstreamError):
+    """Every strategy of the policy failed; ``attempts`` says how."""
+
+    def __init__(self, message: str, attempts: list[AttemptRecord], cause: BaseException | None):
+        super().__init__(message)
+        self.attempts = attempts
+        self.cause = cause
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, record: AttemptRecord, cause: BaseException | None) -> None:
+        super().__init__(record.detail)
+        self.record = record
+        self.cause = cause
+
+
+Resolve = Callable[[], Awaitable[Sequence[IPAddress]]]
+
+
+async def attempt(
+    strategy: Strategy,
+    target: Target,
+    resolve: Resolve,
+    first_flight: bytes,
+    *,
+    tls: bool,
+    timeout: float,
+    wait_response: bool,
+) -> Winner:
+    """One attempt; raises :class:`_AttemptFailed` with the classified outcome."""
+    start = trio.current_time()
+
+    def failed(outcome: Outcome, detail: str, cause: BaseException | None = None) -> _AttemptFailed:
+        record = AttemptRecord(strategy.name, outcome, trio.current_time() - start, detail)
+        return _AttemptFailed(record, cause)
+
+    stream: trio.abc.HalfCloseableStream | None = None
+    try:
+        with trio.fail_after(timeout):
+            addresses: Sequence[IPAddress] = ()
+            if not (strategy.remote_dns and target.ip is None):
+                addresses = await resolve()
+            stream = await strategy.connect(target, addresses, first_flight)
+    except (ProxyError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        outcome = outcome_of_connect_error(exc)
+        raise failed(outcome, str(exc) or outcome.value, exc) from None
+    if not first_flight or not wait_response:
+        return Winner(strategy.name, stream, b"")
+    left = max(0.0, timeout - (trio.current_time() - start))
+    try:
+        with trio.move_on_after(left) as scope:
+            response = await stream.receive_some(FIRST_RESPONSE_READ)
+    except (trio.BrokenResourceError, OSError) as exc:
+        await trio.aclose_forcefully(stream)
+        detail = f"reset after the first flight ({exc})"
+        raise failed(Outcome.RESET_AFTER_FIRST_FLIGHT, detail, exc) from None
+    except BaseException:  # cancelled (a race was won elsewhere): never leak the stream
+        await trio.aclose_forcefully(stream)
+        raise
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)
+        raise failed(Outcome.TIMEOUT_AFTER_FIRST_FLIGHT, f"no answer within {timeout:g} s")
+    verdict = judge_first_response(first_flight, response, tls=tls)
+    if verdict is not Outcome.OK:
+        await trio.aclose_forcefully(stream)
+        detail = verdict.value if response else "closed before answering"
+        if verdict is Outcome.NOT_SERVER_HELLO:
+            detail = f"answered {response[:12]!r} instead of a ServerHello"
+        raise failed(verdict, detail)
+    return Winner(strategy.name, stream, response)
+
+
+async def run_policy(
+    policy: Policy,
+    strategies: Sequence[Strategy],
+    target: Target,
+    resolve: Resolve,
+    first_flight: bytes,
+    *,
+    tls: bool,
+) -> Winner:
+    """Try ``strategies`` (already ordered, e.g. by learned memory) as ``policy`` says."""
+    if not strategies:
+        raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
+    if policy.mode == "race" and len(strategies) > 1:
+        return await _race(policy, strategies, target, resolve, first_flight, tls=tls)
+    return await _fallback(policy, strategies, target, resolve, first_flight, tls=tls)
+
+
+async def _fallback(
+    policy: Policy,
+    strategies: Sequence[Strategy],
+    target: Target,
+    resolve: Resolve,
+    first_flight: bytes,
+    *,
+    tls: bool,
+) -> Winner:
+    records: list[AttemptRecord] = []
+    cause: BaseException | None = None
+    for i, strategy in enumerate(strategies):
+        last = i == len(strategies) - 1
+        try:
+            winner = await attempt(
+                strategy,
+                target,
+                resolve,
+                first_flight,
+                tls=tls,
+                timeout=policy.attempt_timeout,
+                wait_response=not last,
+            )
+        except _AttemptFailed as exc:
+            records.append(exc.record)
+            cause = exc.cause
+            continue
+        winner.attempts = records
+        return winner
+    raise AllFailed(_summary(policy, records), records, cause)
+
+
+async def _race(
+    policy: Policy,
+    strategies: Sequence[Strategy],
+    target: Target,
+    resolve: Resolve,
+    first_flight: bytes,
+    *,
+    tls: bool,
+) -> Winner:
+    records: list[AttemptRecord] = []
+    winner: Winner | None = None
+    cause: BaseException | None = None
+
+    async with trio.open_nursery() as nursery:
+        failed_events = [trio.Event() for _ in strategies]
+
+        async def run_one(i: int, strategy: Strategy) -> None:
+            nonlocal winner, cause
+            if i:
+                # start after the stagger, or as soon as the previous attempt failed
+                with trio.move_on_after(policy.stagger):
+                    await failed_events[i - 1].wait()
+            try:
+                got = await attempt(
+                    strategy,
+                    target,
+                    resolve,
+                    first_flight,
+                    tls=tls,
+                    timeout=policy.attempt_timeout,
+                    wait_response=True,
+                )
+            except _AttemptFailed as exc:
+                records.append(exc.record)
+                cause = exc.cause
+                failed_events[i].set()
+                return
+            if winner is None:
+                winner = got
+                nursery.cancel_scope.cancel()
+            else:
+                await trio.aclose_forcefully(got.stream)
+
+        for i, strategy in enumerate(strategies):
+            nursery.start_soon(run_one, i, strategy)
+    if winner is None:
+        raise AllFailed(_summary(policy, records), records, cause)
+    winner.attempts = records
+    return winner
+
+
+def _summary(policy: Policy, records: list[AttemptRecord]) -> str:
+    tried = ", ".join(f"{r.strategy}: {r.outcome.value}" for r in records)
+    return f"every strategy of policy {policy.name!r} failed ({tried})"
+
+
+def resolve_once(resolve: Resolve) -> Resolve:
+    """Share one lookup between attempts (the first caller resolves; failures repeat)."""
+    result: list[Sequence[IPAddress]] = []
+    error: list[ResolveError] = []
+    lock = trio.Lock()
+
+    async def shared() -> Sequence[IPAddress]:
+        async with lock:
+            if result:
+                return result[0]
+            if error:
+                raise error[0]
+            try:
+                addrs = await resolve()
+            except ResolveError as exc:
+                error.append(exc)
+                raise
+            result.append(addrs)
+            return addrs
+
+    return shared

@@ -1,0 +1,210 @@
+"""Fallback and race over real loopback servers that misbehave in the ways censors do."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from proxy.detect.outcome import Outcome
+from proxy.inbound.base import IPAddress, Target
+from proxy.net.dial import open_tcp
+from proxy.protocols.tls_hello import build_client_hello
+from proxy.route.policy import AllFailed, Policy, resolve_once, run_policy
+
+HELLO = build_client_hello(sni="site.lab")
+SERVER_HELLO = b"\x16\x03\x03\x00\x04\x02\x00\x00\x00"
+
+Behaviour = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@dataclass
+class Fixed:
+    """A real strategy that always connects to one local server (a stand-in for a proxy)."""
+
+    name: str
+    port: int
+    remote_dns: bool = True
+
+    async def connect(
+        self, target: Target, addresses: Sequence[IPAddress], first_flight: bytes
+    ) -> trio.abc.HalfCloseableStream:
+        stream = await open_tcp([ipaddress.ip_address("127.0.0.1")], self.port, timeout=2)
+        await stream.send_all(first_flight)
+        return stream
+
+
+async def serve(nursery: trio.Nursery, behaviour: Behaviour) -> int:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await behaviour(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    return int(port)
+
+
+async def answers(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    await stream.send_all(SERVER_HELLO)
+    await trio.sleep_forever()
+
+
+def slow_answers(delay: float) -> Behaviour:
+    async def run(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await trio.sleep(delay)
+        await stream.send_all(SERVER_HELLO)
+        await trio.sleep_forever()
+
+    return run
+
+
+async def resets(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def silent(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+async def closes(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+
+
+async def blockpage(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    await stream.send_all(b"HTTP/1.1 451 Unavailable\r\n\r\n")
+
+
+def refused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+TARGET = Target("site.lab", 443)
+
+
+async def no_dns() -> Sequence[IPAddress]:
+    raise AssertionError("remote_dns strategies must not resolve locally")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome"),
+    [
+        (resets, Outcome.RESET_AFTER_FIRST_FLIGHT),
+        (silent, Outcome.TIMEOUT_AFTER_FIRST_FLIGHT),
+        (closes, Outcome.EOF_BEFORE_RESPONSE),
+        (blockpage, Outcome.NOT_SERVER_HELLO),
+    ],
+)
+async def test_fallback_classifies_then_recovers(
+    nursery: trio.Nursery, behaviour: Behaviour, outcome: Outcome
+) -> None:
+    bad = await serve(nursery, behaviour)
+    good = await serve(nursery, answers)
+    policy = Policy("p", ("bad", "good"), attempt_timeout=0.5)
+    winner = await run_policy(
+        policy, [Fixed("bad", bad), Fixed("good", good)], TARGET, no_dns, HELLO, tls=True
+    )
+    async with winner.stream:
+        assert winner.strategy == "good"
+        # the last candidate is handed over without waiting: its answer is still in the stream
+        assert winner.response + await winner.stream.receive_some(100) == SERVER_HELLO
+        assert [(a.strategy, a.outcome) for a in winner.attempts] == [("bad", outcome)]
+
+
+async def test_fallback_connect_refused_is_classified(nursery: trio.Nursery) -> None:
+    good = await serve(nursery, answers)
+    strategies = [Fixed("dead", refused_port()), Fixed("good", good)]
+    winner = await run_policy(Policy("p", ()), strategies, TARGET, no_dns, HELLO, tls=True)
+    async with winner.stream:
+        assert winner.attempts[0].outcome is Outcome.CONNECT_REFUSED
+
+
+async def test_all_failed_lists_every_attempt(nursery: trio.Nursery) -> None:
+    bad = await serve(nursery, resets)
+    strategies = [Fixed("a", refused_port()), Fixed("b", bad), Fixed("c", refused_port())]
+    policy = Policy("p", (), attempt_timeout=0.5)
+    with pytest.raises(AllFailed) as info:
+        await run_policy(policy, strategies, TARGET, no_dns, HELLO, tls=True)
+    assert [(a.strategy, a.outcome) for a in info.value.attempts] == [
+        ("a", Outcome.CONNECT_REFUSED),
+        ("b", Outcome.RESET_AFTER_FIRST_FLIGHT),
+        ("c", Outcome.CONNECT_REFUSED),
+    ]
+    assert "a: connect-refused" in str(info.value)
+
+
+async def test_last_candidate_is_not_cut_off_when_slow(nursery: trio.Nursery) -> None:
+    slow = await serve(nursery, slow_answers(0.4))
+    strategies = [Fixed("dead", refused_port()), Fixed("slow", slow)]
+    policy = Policy("p", (), attempt_timeout=0.2)
+    winner = await run_policy(policy, strategies, TARGET, no_dns, HELLO, tls=True)
+    async with winner.stream:
+        assert winner.strategy == "slow"
+        assert await winner.stream.receive_some(100) == SERVER_HELLO
+
+
+async def test_race_picks_the_faster_upstream(nursery: trio.Nursery) -> None:
+    slow = await serve(nursery, slow_answers(0.5))
+    fast = await serve(nursery, slow_answers(0.05))
+    policy = Policy("p", (), mode="race", stagger=0.05, attempt_timeout=2)
+    start = trio.current_time()
+    winner = await run_policy(
+        policy, [Fixed("slow", slow), Fixed("fast", fast)], TARGET, no_dns, HELLO, tls=True
+    )
+    async with winner.stream:
+        assert winner.strategy == "fast"
+        assert trio.current_time() - start < 0.4
+
+
+async def test_race_starts_next_at_once_when_one_fails(nursery: trio.Nursery) -> None:
+    good = await serve(nursery, answers)
+    policy = Policy("p", (), mode="race", stagger=5, attempt_timeout=2)
+    with trio.fail_after(2):
+        winner = await run_policy(
+            policy,
+            [Fixed("dead", refused_port()), Fixed("good", good)],
+            TARGET,
+            no_dns,
+            HELLO,
+            tls=True,
+        )
+    async with winner.stream:
+        assert winner.strategy == "good"
+
+
+async def test_race_all_failed(nursery: trio.Nursery) -> None:
+    bad = await serve(nursery, resets)
+    policy = Policy("p", (), mode="race", stagger=0.01, attempt_timeout=0.5)
+    with pytest.raises(AllFailed) as info:
+        await run_policy(
+            policy, [Fixed("a", bad), Fixed("b", bad)], TARGET, no_dns, HELLO, tls=True
+        )
+    assert {a.outcome for a in info.value.attempts} == {Outcome.RESET_AFTER_FIRST_FLIGHT}
+
+
+async def test_resolve_once_shares_one_lookup() -> None:
+    calls = 0
+
+    async def lookup() -> Sequence[IPAddress]:
+        nonlocal calls
+        calls += 1
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    shared = resolve_once(lookup)
+    assert await shared() == await shared()
+    assert calls == 1
