@@ -31,6 +31,13 @@ from proxy.configschema import (
     to_toml,
 )
 from proxy.errors import ConfigError
+from proxy.routerconfig import (
+    PolicyConfig,
+    RouterConfig,
+    RuleConfig,
+    StrategyConfig,
+    check_routing,
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -312,8 +319,13 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    strategy: tuple[StrategyConfig, ...] = ()
+    policy: tuple[PolicyConfig, ...] = ()
+    rule: tuple[RuleConfig, ...] = ()
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def validate(self) -> None:
+        check_routing(self.strategy, self.policy, self.rule, self.router)
         if not self.inbound:
             raise ConfigError(
                 "at least one [[inbound]] is needed, or sidestep would listen nowhere",
