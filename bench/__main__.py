@@ -1,4 +1,4 @@
-"""``python -m bench relay`` / ``python -m bench socks --port 1080`` (see bench/README.md)."""
+"""``python -m bench relay`` / ``socks --port 1080`` / ``rules`` (see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def main() -> None:
     cmp.add_argument("--connections", type=int, default=2000)
     cmp.add_argument("--concurrency", type=int, default=200)
     cmp.add_argument("--idle", type=int, default=1000)
+    rules = sub.add_parser("rules", help="routing decision cost for many rules")
+    rules.add_argument("--rules", type=int, default=10000)
+    rules.add_argument("--queries", type=int, default=100000)
+    rules.add_argument("--naive-queries", type=int, default=1000, help="for the linear scan")
+    rules.add_argument("--seed", type=int, default=1)
+    rules.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -38,6 +44,10 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown modes {sorted(unknown)}")
         run_relay_bench(args.size_mib << 20, modes, args.repeat)
+    elif args.cmd == "rules":
+        from bench.rules import run_rules_bench
+
+        run_rules_bench(args.rules, args.queries, args.naive_queries, args.seed, args.repeat)
     elif args.cmd == "compare":
         from bench.compare import run_compare
 

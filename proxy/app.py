@@ -14,17 +14,23 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from proxy.config import Config, InboundConfig, load_config
+from proxy.detect.evidence import EvidenceLog
 from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
 from proxy.inbound.listener import InboundServer, RawListener, open_listeners
+from proxy.learncli import EVIDENCE_FILE, LEARNED_FILE, default_state_dir
 from proxy.resolve.base import Resolver
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.system import SystemResolver
 from proxy.route.dispatcher import Dispatcher, DispatchSettings
+from proxy.route.learn import LearnedMemory
+from proxy.route.router import Router
+from proxy.route.site import network_id
 
 log = logging.getLogger("sidestep")
 
@@ -63,6 +69,27 @@ def make_resolver(config: Config) -> Resolver:
     return SystemResolver(timeout=config.dns.timeout)
 
 
+def open_state(config: Config) -> tuple[LearnedMemory | None, EvidenceLog | None]:
+    """The learned memory and evidence log, in the state directory unless configured.
+
+    When the directory cannot be created (a read-only home, say) sidestep still runs: it learns
+    in memory only and keeps no evidence, and says so once.
+    """
+    state = default_state_dir()
+    learned = Path(config.router.state_file) if config.router.state_file else state / LEARNED_FILE
+    evidence = (
+        Path(config.router.evidence_file) if config.router.evidence_file else state / EVIDENCE_FILE
+    )
+    try:
+        for folder in {learned.parent, evidence.parent}:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        log.warning("cannot create %s (%s): learning in memory only, no evidence log", state, exc)
+        return LearnedMemory(None, ttl=config.router.learn_ttl), None
+    memory = LearnedMemory(learned, ttl=config.router.learn_ttl)
+    return memory, EvidenceLog(evidence, max_bytes=config.router.evidence_max_bytes)
+
+
 def inbound_settings(inbound: InboundConfig) -> InboundSettings:
     return InboundSettings(
         name=inbound.name,
@@ -90,7 +117,9 @@ class App:
     def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.dispatcher = Dispatcher(dispatch_settings(config), make_resolver(config))
+        self.memory, self.evidence = open_state(config)
+        self.network = network_id(config.router.network or None)
+        self.dispatcher = self._dispatcher(config)
         self._running: dict[str, _Running] = {}
         #: servers removed by a reload whose clients may still be connected
         self._retired: list[InboundServer] = []
@@ -117,9 +146,25 @@ class App:
                     ),
                 )
                 nursery.start_soon(self._watch_signals, signals)
+                nursery.start_soon(self._save_state)
                 await self._stopping.wait()
                 await self._drain()
                 nursery.cancel_scope.cancel()
+
+    def _dispatcher(self, config: Config) -> Dispatcher:
+        router = Router(config, memory=self.memory, evidence=self.evidence, network=self.network)
+        return Dispatcher(dispatch_settings(config), make_resolver(config), router)
+
+    async def _save_state(self) -> None:
+        """Persist the learned memory every so often (and once more at shutdown)."""
+        if self.memory is None:
+            return
+        try:
+            while True:
+                await trio.sleep(10)
+                self.memory.maybe_save()
+        finally:
+            self.memory.maybe_save(float("inf"))
 
     def stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
@@ -203,7 +248,7 @@ class App:
         assert self._nursery is not None
         dispatcher = self.dispatcher
         if not initial:
-            dispatcher = Dispatcher(dispatch_settings(config), make_resolver(config))
+            dispatcher = self._dispatcher(config)
         wanted = {inb.listen: inb for inb in config.inbound}
         for listen, running in list(self._running.items()):
             inb = wanted.get(listen)

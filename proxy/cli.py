@@ -15,6 +15,8 @@ import trio
 from proxy import __version__
 from proxy.config import load_config, render_config
 from proxy.errors import ConfigError
+from proxy.lab.cli import add_lab_parser
+from proxy.learncli import add_learned_parser, add_report_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     show = cfg_sub.add_parser("show", help="print the effective config (secrets masked)")
     show.add_argument("file", metavar="FILE", nargs="?")
+    add_lab_parser(sub)
+    add_learned_parser(sub)
+    add_report_parser(sub)
     return p
 
 
@@ -49,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command in ("learned", "report"):
+            return int(args.handler(args))
+        if args.command == "lab":
+            from proxy.lab.cli import run_lab
+
+            return run_lab(args)
         if args.command == "config":
             if args.config_command == "check":
                 load_config(args.file)

@@ -34,6 +34,8 @@ from proxy.net.relay import relay
 from proxy.net.stream import TcpStream
 from proxy.resolve.base import Resolver
 from proxy.route.firstflight import FirstFlight, read_first_flight
+from proxy.route.policy import AllFailed, AttemptRecord, resolve_once, run_policy
+from proxy.route.router import Decision, Router
 
 log = logging.getLogger("sidestep.conn")
 
@@ -56,9 +58,13 @@ class DispatchSettings:
 class Dispatcher:
     """Shared by every inbound: turns requests into relayed upstream connections."""
 
-    def __init__(self, settings: DispatchSettings, resolver: Resolver) -> None:
+    def __init__(
+        self, settings: DispatchSettings, resolver: Resolver, router: Router | None = None
+    ) -> None:
         self.settings = settings
         self.resolver = resolver
+        #: rules, policies, memory; None means every connection goes direct
+        self.router = router
         #: tunnels currently open (for drain on shutdown and for status)
         self.active = 0
 
@@ -91,6 +97,109 @@ class Dispatcher:
 
     async def tunnel(self, request: Request, replier: Replier) -> None:
         """Run the whole pipeline for one tunnel; always logs exactly one line."""
+        if self.router is not None:
+            decision = self.router.decide(request.target, request.inbound)
+            if not decision.plain_direct:
+                await self._tunnel_policy(request, replier, decision)
+                return
+        await self._tunnel_direct(request, replier)
+
+    async def _tunnel_policy(self, request: Request, replier: Replier, decision: Decision) -> None:
+        """Steps 2-6 with a policy: optimistic reply, first flight, attempts with replay."""
+        assert self.router is not None
+        start = trio.current_time()
+        self.active += 1
+        flight = FirstFlight(b"")
+        up = down = 0
+        outcome = "ok"
+        strategy = "-"
+        tried = ""
+        target = request.target
+        s = self.settings
+
+        async def lookup() -> Sequence[IPAddress]:
+            return await self.resolve(target.host)
+
+        resolve = resolve_once(lookup)
+        try:
+            if target.ip is None and not any(x.remote_dns for x in decision.strategies):
+                # every way out needs the address: a name that does not resolve gets the
+                # protocol's own error while the client can still be told
+                try:
+                    await resolve()
+                except ResolveError as exc:
+                    outcome = f"{_kind(exc)}: {exc}"
+                    await _quietly(replier.fail(exc))
+                    return
+            # The client must send its first flight before any strategy can be judged, so the
+            # answer is "connected" now; a failure later is a clean close.
+            await replier.succeed(None)
+            flight = await read_first_flight(
+                request.stream,
+                request.prefix,
+                max_bytes=s.first_flight_max,
+                wait=s.first_flight_wait,
+                timeout=s.first_flight_timeout,
+            )
+            try:
+                winner = await run_policy(
+                    decision.policy,
+                    decision.strategies,
+                    target,
+                    resolve,
+                    flight.data,
+                    tls=flight.hello is not None,
+                    direct=self.router.strategies["direct"],
+                )
+            except AllFailed as exc:
+                tried = _tried(exc.attempts)
+                outcome = f"all-failed: {exc}"
+                self.router.record(decision, target, flight.sni, exc.attempts, None)
+                return
+            strategy = winner.strategy
+            tried = _tried(winner.attempts)
+            self.router.record(decision, target, flight.sni, winner.attempts, winner.strategy)
+            up += len(flight.data)
+            async with winner.stream:
+                try:
+                    if winner.response:
+                        await request.stream.send_all(winner.response)
+                        down += len(winner.response)
+                    stats = await relay(
+                        request.stream,
+                        winner.stream,
+                        idle_timeout=s.idle_timeout,
+                        buffer_size=s.buffer_size,
+                        splice=s.splice,
+                        closing=True,
+                    )
+                    up += stats.a_to_b
+                    down += stats.b_to_a
+                    if stats.idle_timeout:
+                        outcome = "idle-timeout"
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    outcome = f"closed: {exc.__class__.__name__}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            outcome = f"client gone: {exc.__class__.__name__}"
+        except ProxyError as exc:
+            outcome = f"{_kind(exc)}: {exc}"
+        finally:
+            self.active -= 1
+            if tried:
+                strategy = f"{strategy} (after {tried})"
+            _log_connection(
+                request,
+                flight,
+                strategy,
+                up,
+                down,
+                trio.current_time() - start,
+                outcome,
+                policy=decision.policy.name,
+            )
+
+    async def _tunnel_direct(self, request: Request, replier: Replier) -> None:
+        """The plain path: connect first so errors reach the client as protocol replies."""
         start = trio.current_time()
         self.active += 1
         flight = FirstFlight(b"")
@@ -178,6 +287,10 @@ async def _quietly(aw: object) -> None:
         pass
 
 
+def _tried(attempts: Sequence[AttemptRecord]) -> str:
+    return ", ".join(f"{a.strategy}: {a.outcome.value}" for a in attempts)
+
+
 def _log_connection(
     request: Request,
     flight: FirstFlight,
@@ -186,6 +299,8 @@ def _log_connection(
     down: int,
     duration: float,
     outcome: str,
+    *,
+    policy: str = "direct",
 ) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
@@ -196,6 +311,7 @@ def _log_connection(
         "target": str(request.target),
         "sni": flight.sni,
         "strategy": strategy,
+        "policy": policy,
         "up": up,
         "down": down,
         "duration": round(duration, 3),

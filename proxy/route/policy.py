@@ -148,13 +148,39 @@ async def run_policy(
     first_flight: bytes,
     *,
     tls: bool,
+    direct: Strategy | None = None,
 ) -> Winner:
-    """Try ``strategies`` (already ordered, e.g. by learned memory) as ``policy`` says."""
+    """Try ``strategies`` (already ordered, e.g. by learned memory) as ``policy`` says.
+
+    With ``on_all_failed = "direct"`` and a ``direct`` strategy given, a plain connection is
+    tried last when every strategy failed (and was not itself a direct one).
+    """
     if not strategies:
         raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
-    if policy.mode == "race" and len(strategies) > 1:
-        return await _race(policy, strategies, target, resolve, first_flight, tls=tls)
-    return await _fallback(policy, strategies, target, resolve, first_flight, tls=tls)
+    try:
+        if policy.mode == "race" and len(strategies) > 1:
+            return await _race(policy, strategies, target, resolve, first_flight, tls=tls)
+        return await _fallback(policy, strategies, target, resolve, first_flight, tls=tls)
+    except AllFailed as exc:
+        if policy.on_all_failed != "direct" or direct is None:
+            raise
+        if any(s.name == direct.name for s in strategies):
+            raise
+        try:
+            winner = await attempt(
+                direct,
+                target,
+                resolve,
+                first_flight,
+                tls=tls,
+                timeout=policy.attempt_timeout,
+                wait_response=False,
+            )
+        except _AttemptFailed as last:
+            records = [*exc.attempts, last.record]
+            raise AllFailed(_summary(policy, records), records, last.cause) from None
+        winner.attempts = exc.attempts
+        return winner
 
 
 async def _fallback(

@@ -37,6 +37,7 @@ class ProxyProcess:
     port: int
     config: Path
     log: Path
+    state: Path
 
     @property
     def url_socks5(self) -> str:
@@ -84,15 +85,18 @@ def run_proxy(tmp_path: Path, body: str, *, port: int | None = None) -> Iterator
     cfg = tmp_path / f"sidestep-{port}.toml"
     cfg.write_text(body.replace("{port}", str(port)))
     log = tmp_path / f"sidestep-{port}.log"
+    # learned memory and evidence go to the test's own folder, never the user's home
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / f"state-{port}")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(cfg), "--log-level", "debug"],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         wait_port(port, proc, log)
-        yield ProxyProcess(proc, port, cfg, log)
+        yield ProxyProcess(proc, port, cfg, log, tmp_path / f"state-{port}" / "sidestep")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

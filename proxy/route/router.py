@@ -1,0 +1,185 @@
+"""From config to decisions: which policy and which strategies, in which order, for a target.
+
+:class:`Router` is built once per config (and again on reload): it compiles the rules, builds
+the named strategies and policies, and consults the learned memory so a strategy that worked
+for this site on this network is tried first. It also writes what happened to the evidence log
+and back into the memory. Connections keep the router they started with across a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from proxy.config import Config
+from proxy.detect.evidence import EXHAUSTED, RECOVERED, EvidenceEvent, EvidenceLog
+from proxy.errors import ConfigError
+from proxy.inbound.base import Target
+from proxy.route.learn import LearnedMemory
+from proxy.route.policy import AttemptRecord, Policy
+from proxy.route.rules import Match, RuleSet, RuleSpec
+from proxy.route.site import site_of
+from proxy.routerconfig import StrategyConfig, split_server
+from proxy.strategies.base import Strategy
+from proxy.strategies.direct import DirectStrategy
+from proxy.strategies.upstream import HttpConnectStrategy, Socks5Strategy, tor_strategy
+
+log = logging.getLogger("sidestep.route")
+
+DIRECT_POLICY = Policy("direct", ("direct",))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the router chose for one connection."""
+
+    policy: Policy
+    strategies: tuple[Strategy, ...]
+    match: Match
+    site: str
+
+    @property
+    def plain_direct(self) -> bool:
+        """Just the direct strategy: the dispatcher can keep its connect-then-reply path."""
+        return len(self.strategies) == 1 and isinstance(self.strategies[0], DirectStrategy)
+
+
+def build_strategy(cfg: StrategyConfig, direct: DirectStrategy) -> Strategy:
+    if cfg.type == "direct":
+        return DirectStrategy(cfg.name, direct.connect_timeout, direct.happy_eyeballs_delay)
+    timeout = direct.connect_timeout
+    if cfg.type == "tor":
+        server = split_server(cfg.server) if cfg.server else ("127.0.0.1", 9050)
+        return tor_strategy(
+            cfg.name, server, username=cfg.username, password=cfg.password, connect_timeout=timeout
+        )
+    assert cfg.server is not None  # checked by StrategyConfig.validate
+    kind = Socks5Strategy if cfg.type == "socks5" else HttpConnectStrategy
+    return kind(
+        cfg.name,
+        split_server(cfg.server),
+        username=cfg.username,
+        password=cfg.password,
+        remote_dns=cfg.remote_dns,
+        connect_timeout=timeout,
+    )
+
+
+class Router:
+    """Rules, policies and strategies of one config, plus the shared memory and evidence."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        memory: LearnedMemory | None = None,
+        evidence: EvidenceLog | None = None,
+        network: str = "unknown",
+    ) -> None:
+        direct = DirectStrategy(
+            "direct", config.outbound.connect_timeout, config.outbound.happy_eyeballs_delay
+        )
+        self.strategies: dict[str, Strategy] = {"direct": direct}
+        for i, cfg in enumerate(config.strategy):
+            try:
+                self.strategies[cfg.name] = build_strategy(cfg, direct)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, key=f"strategy[{i}]") from None
+        self.policies: dict[str, Policy] = {"direct": DIRECT_POLICY}
+        for p in config.policy:
+            self.policies[p.name] = Policy(
+                p.name, p.strategies, p.mode, p.stagger, p.attempt_timeout, p.on_all_failed
+            )
+        specs = [
+            RuleSpec(
+                policy=r.policy,
+                name=r.name,
+                domain=r.domain,
+                domain_suffix=r.domain_suffix,
+                domain_keyword=r.domain_keyword,
+                domain_regex=r.domain_regex,
+                ip_cidr=r.ip_cidr,
+                port=r.port,
+                inbound=r.inbound,
+                domain_list=r.domain_list,
+                ip_list=r.ip_list,
+            )
+            for r in config.rule
+        ]
+        try:
+            self.rules = RuleSet.compile(specs, config.router.default_policy)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="rule") from None
+        self.learn = config.router.learn
+        self.memory = memory
+        self.evidence = evidence
+        self.network = network
+
+    def decide(self, target: Target, inbound: str) -> Decision:
+        self.rules.maybe_refresh(trio.current_time())
+        ip = target.ip
+        match = self.rules.match(None if ip is not None else target.host, ip, target.port, inbound)
+        policy = self.policies[match.policy]
+        site = _site(target)
+        names: Sequence[str] = policy.strategies
+        if self.learn and self.memory is not None and len(names) > 1:
+            names = self.memory.order(self.network, site, names)
+        return Decision(policy, tuple(self.strategies[n] for n in names), match, site)
+
+    def record(
+        self,
+        decision: Decision,
+        target: Target,
+        sni: str | None,
+        attempts: Sequence[AttemptRecord],
+        worked: str | None,
+    ) -> None:
+        """Write what the attempts of one connection taught us (memory and evidence)."""
+        if not attempts and (worked is None or len(decision.strategies) == 1):
+            return  # nothing failed and nothing to choose between: nothing to remember
+        now = time.time()
+        if self.memory is not None and self.learn:
+            for a in attempts:
+                self.memory.record_failure(self.network, decision.site, a.strategy, a.outcome.value)
+            if worked is not None:
+                self.memory.record_success(self.network, decision.site, worked)
+        if self.evidence is None:
+            return
+        for a in attempts:
+            self.evidence.write(
+                EvidenceEvent(
+                    time=now,
+                    network=self.network,
+                    site=decision.site,
+                    host=target.host,
+                    outcome=a.outcome.value,
+                    sni=sni,
+                    strategy=a.strategy,
+                    duration_ms=int(a.duration * 1000),
+                    worked=worked,
+                )
+            )
+        if attempts:
+            self.evidence.write(
+                EvidenceEvent(
+                    time=now,
+                    network=self.network,
+                    site=decision.site,
+                    host=target.host,
+                    outcome=RECOVERED if worked else EXHAUSTED,
+                    sni=sni,
+                    strategy=worked,
+                    worked=worked,
+                )
+            )
+
+
+def _site(target: Target) -> str:
+    try:
+        return site_of(target.host)
+    except ValueError:
+        return target.host

@@ -1,0 +1,120 @@
+"""The router end to end: real curl, two real sidestep processes, lab DNS servers.
+
+The censored network is modelled with two resolvers: the one the client's sidestep uses (the
+ISP's) answers an address nothing listens on for the blocked site, as if its IP were blocked;
+the upstream sidestep (outside the censored network) resolves it honestly. So a direct attempt
+is refused and the SOCKS5 upstream gets through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+
+from proxy.lab.dnsserver import DnsServer, Zone
+
+from .conftest import Origins, curl, free_port, requires_curl, run_proxy
+
+pytestmark = requires_curl
+
+
+def evidence(state: Path) -> list[dict[str, object]]:
+    path = state / "evidence.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def test_ip_blocked_site_falls_back_to_upstream_then_goes_straight_there(
+    tmp_path: Path, origins: Origins, nursery: trio.Nursery
+) -> None:
+    isp = Zone("test").add("blocked.test", "127.66.0.1").add("open.test", "127.0.0.1")
+    honest = Zone("test").add("blocked.test", "127.0.0.1").add("open.test", "127.0.0.1")
+    isp_addr = await nursery.start(DnsServer(isp, ("127.53.1.1", 0)).serve)
+    honest_addr = await nursery.start(DnsServer(honest, ("127.53.1.2", 0)).serve)
+    up_port = free_port()
+    upstream_cfg = f"""
+[[inbound]]
+name = "up"
+protocol = "socks5"
+listen = "127.0.0.1:{{port}}"
+[dns]
+resolver = "udp"
+servers = ["{honest_addr[0]}:{honest_addr[1]}"]
+"""
+    client_cfg = f"""
+[[inbound]]
+name = "mixed"
+listen = "127.0.0.1:{{port}}"
+[dns]
+resolver = "udp"
+servers = ["{isp_addr[0]}:{isp_addr[1]}"]
+[[strategy]]
+name = "vps"
+type = "socks5"
+server = "127.0.0.1:{up_port}"
+[[policy]]
+name = "censored"
+strategies = ["direct", "vps"]
+attempt_timeout = 3
+[[rule]]
+policy = "censored"
+domain_suffix = ["test"]
+"""
+    port = origins.http[1]
+    async with trio.open_nursery():
+        with run_proxy(tmp_path, upstream_cfg, port=up_port), run_proxy(tmp_path, client_cfg) as p:
+            # the open site works straight away, with no failed attempt
+            r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", f"http://open.test:{port}/")
+            assert r.stdout.startswith(b"hello from plain")
+            # first visit to the blocked site: direct is refused, the upstream gets through
+            r = await curl(
+                "--socks5-hostname", f"127.0.0.1:{p.port}", f"http://blocked.test:{port}/"
+            )
+            assert r.stdout.startswith(b"hello from plain")
+            await p.await_log("strategy=vps (after direct: connect-refused)")
+            events = evidence(p.state)
+            assert [(e["strategy"], e["outcome"]) for e in events] == [
+                ("direct", "connect-refused"),
+                ("vps", "recovered"),
+            ]
+            assert all(e["site"] == "blocked.test" for e in events)
+            # second visit: the learned strategy goes first, no new direct attempt
+            r = await curl(
+                "--socks5-hostname", f"127.0.0.1:{p.port}", f"http://blocked.test:{port}/"
+            )
+            assert r.stdout.startswith(b"hello from plain")
+            await p.await_log(f"blocked.test:{port} via mixed/socks5 sni=- strategy=vps up=")
+            assert len(evidence(p.state)) == 2
+
+
+async def test_on_all_failed_fail_closes_and_direct_falls_back(
+    tmp_path: Path, origins: Origins
+) -> None:
+    dead = free_port()
+    base = f"""
+[[inbound]]
+name = "mixed"
+listen = "127.0.0.1:{{port}}"
+[[strategy]]
+name = "dead"
+type = "socks5"
+server = "127.0.0.1:{dead}"
+[[policy]]
+name = "only-dead"
+strategies = ["dead"]
+on_all_failed = "ON_ALL_FAILED"
+[router]
+default_policy = "only-dead"
+"""
+    url = f"http://127.0.0.1:{origins.http[1]}/"
+    with run_proxy(tmp_path, base.replace("ON_ALL_FAILED", "fail")) as p:
+        r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url, check=False)
+        assert r.returncode != 0 and not r.stdout
+        await p.await_log("all-failed")
+    with run_proxy(tmp_path, base.replace("ON_ALL_FAILED", "direct")) as p:
+        r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url)
+        assert r.stdout.startswith(b"hello from plain")
+        await p.await_log("strategy=direct (after dead: ")
