@@ -37,6 +37,9 @@ def main() -> None:
     rules.add_argument("--naive-queries", type=int, default=1000, help="for the linear scan")
     rules.add_argument("--seed", type=int, default=1)
     rules.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
+    fb = sub.add_parser("fallback", help="time to first byte of a first visit with one fallback")
+    fb.add_argument("--port", type=int, default=18180)
+    fb.add_argument("--connections", type=int, default=500)
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -48,6 +51,10 @@ def main() -> None:
         from bench.rules import run_rules_bench
 
         run_rules_bench(args.rules, args.queries, args.naive_queries, args.seed, args.repeat)
+    elif args.cmd == "fallback":
+        from bench.fallback import run_fallback_bench
+
+        run_fallback_bench(args)
     elif args.cmd == "compare":
         from bench.compare import run_compare
 

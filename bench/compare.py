@@ -124,7 +124,9 @@ def _print(results: dict[str, Figures], args: argparse.Namespace) -> None:
     print("sidestep as ratios (targets of issue #2 in brackets):")
     print(f"  bulk           {s.bulk_gbit / d.bulk_gbit:5.2f}x direct   [>= 0.5x]")
     if "dante" in results:
-        print(f"  bulk           {s.bulk_gbit / results['dante'].bulk_gbit:5.2f}x dante    [>= 1.5x]")
+        print(
+            f"  bulk           {s.bulk_gbit / results['dante'].bulk_gbit:5.2f}x dante    [>= 1.5x]"
+        )
     if "microsocks" in results:
         m = results["microsocks"]
         print(f"  sequential     {s.seq_rate / m.seq_rate:5.2f}x microsocks [>= 0.25x]")

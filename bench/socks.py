@@ -221,13 +221,15 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], limit: float = 15.0) ->
 
 
 @contextlib.contextmanager
-def spawned_proxy(kind: str, port: int) -> Iterator[int]:
+def spawned_proxy(kind: str, port: int, extra_config: str = "") -> Iterator[int]:
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "sidestep":
             if importlib.util.find_spec("proxy.cli") is None:
                 raise SystemExit("proxy.cli does not exist yet: cannot --spawn-sidestep")
             config = Path(tmp) / "bench.toml"
-            config.write_text(sidestep_config(port))
+            config.write_text(sidestep_config(port) + extra_config)
+            # learned memory and evidence of a benchmark run stay in its temporary folder
+            os.environ["XDG_STATE_HOME"] = tmp
             cmd = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
         elif kind == "dante":
             binary = shutil.which("danted") or shutil.which("sockd")

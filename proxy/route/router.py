@@ -124,9 +124,11 @@ class Router:
         ip = target.ip
         match = self.rules.match(None if ip is not None else target.host, ip, target.port, inbound)
         policy = self.policies[match.policy]
-        site = _site(target)
         names: Sequence[str] = policy.strategies
-        if self.learn and self.memory is not None and len(names) > 1:
+        if len(names) == 1:  # nothing to order or learn: skip the site lookup (hot path)
+            return Decision(policy, (self.strategies[names[0]],), match, target.host)
+        site = _site(target)
+        if self.learn and self.memory is not None:
             names = self.memory.order(self.network, site, names)
         return Decision(policy, tuple(self.strategies[n] for n in names), match, site)
 
@@ -142,11 +144,12 @@ class Router:
         if not attempts and (worked is None or len(decision.strategies) == 1):
             return  # nothing failed and nothing to choose between: nothing to remember
         now = time.time()
+        site = decision.site if len(decision.strategies) > 1 else _site(target)
         if self.memory is not None and self.learn:
             for a in attempts:
-                self.memory.record_failure(self.network, decision.site, a.strategy, a.outcome.value)
+                self.memory.record_failure(self.network, site, a.strategy, a.outcome.value)
             if worked is not None:
-                self.memory.record_success(self.network, decision.site, worked)
+                self.memory.record_success(self.network, site, worked)
         if self.evidence is None:
             return
         for a in attempts:
@@ -154,7 +157,7 @@ class Router:
                 EvidenceEvent(
                     time=now,
                     network=self.network,
-                    site=decision.site,
+                    site=site,
                     host=target.host,
                     outcome=a.outcome.value,
                     sni=sni,
@@ -168,7 +171,7 @@ class Router:
                 EvidenceEvent(
                     time=now,
                     network=self.network,
-                    site=decision.site,
+                    site=site,
                     host=target.host,
                     outcome=RECOVERED if worked else EXHAUSTED,
                     sni=sni,
