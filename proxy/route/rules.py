@@ -15,12 +15,9 @@ A rule's match fields fall into three kinds:
 
 Items of one kind are OR-ed (any suffix, keyword or CIDR of the rule is a destination match);
 the kinds present in the rule are AND-ed; a kind the rule leaves empty does not constrain it.
-A rule with no match field at all is refused: the catch-all is ``default_policy``. A rule that
-names list files has a destination condition even while those files are empty (it then
-matches nothing, rather than everything).
-
-Rules are tried in order and the lowest-numbered matching rule wins. :attr:`Match.reason`
-names one criterion of that rule that matched (there may be several).
+A rule with no match field is refused (the catch-all is ``default_policy``). A rule naming list
+files has a destination condition even while they are empty (it then matches nothing). The
+lowest-numbered matching rule wins; :attr:`Match.reason` names one criterion of it that matched.
 
 Names and addresses
 -------------------
@@ -45,8 +42,8 @@ UTF-8 text, one entry a line; blank lines are skipped and ``#`` starts a comment
 line (so a list regex cannot contain ``#``). A ``domain_list`` line is ``example.org``
 (suffix match), ``domain:example.org`` (the same), ``full:example.org`` (exact),
 ``keyword:tube`` or ``regexp:^ads?\\.``; an ``ip_list`` line is a CIDR or an address. Paths
-are opened as given (the config loader makes them absolute). A missing file or a bad line makes
-:meth:`RuleSet.compile` raise ``ValueError`` naming ``file:line``. :meth:`RuleSet.refresh`
+are opened as given (relative ones from the working directory). A missing file or a bad line
+makes :meth:`RuleSet.compile` raise ``ValueError`` naming ``file:line``. :meth:`RuleSet.refresh`
 stats the files and re-reads those whose size, mtime or inode changed, then swaps in a new
 index with one assignment (a decision in progress keeps using the old one); a file that
 became unreadable or bad keeps its previous contents and the problem is logged and returned.
@@ -556,13 +553,9 @@ class _Index:
 class RuleSet:
     """Compiled rules plus the list files they read; see the module docstring."""
 
-    def __init__(
-        self,
-        rules: Sequence[_Rule],
-        default_policy: str,
-        lists: dict[str, _ListFile],
-        refresh_interval: float,
-    ) -> None:
+    def __init__(self, rules: Sequence[_Rule], default_policy: str, lists: dict[str, _ListFile],
+                 refresh_interval: float) -> None:  # fmt: skip
+        """Use :meth:`compile`."""
         self._rules = tuple(rules)
         self._default = default_policy
         self._lists = lists

@@ -78,6 +78,19 @@ def test_rules_regex_with_backreference_still_works() -> None:
     assert decide(specs, "bab.com").policy == "default"
 
 
+def test_rules_combinable_and_other_regexes_keep_rule_order() -> None:
+    # "(?i)..." and group-using patterns cannot join the combined prefilter; order still holds
+    specs = [
+        RuleSpec("upper", domain_regex=(r"(?i)^ZZ",)),
+        RuleSpec("plain", domain_regex=(r"a",), port=(443,)),
+        RuleSpec("group", domain_regex=(r"(a)",)),
+    ]
+    assert decide(specs, "zza.com").policy == "upper"
+    assert decide(specs, "a.com").policy == "plain"
+    assert decide(specs, "a.com", port=80).policy == "group"
+    assert decide(specs, "b.org").policy == "default"
+
+
 def test_rules_cidr_v4_and_v6() -> None:
     specs = [RuleSpec("p", ip_cidr=("10.0.0.0/8", "192.0.2.7", "2001:db8::/32"))]
     assert decide(specs, addr="10.200.0.1").reason == "ip_cidr 10.0.0.0/8"
@@ -202,6 +215,14 @@ def test_rules_bad_list_line_names_file_and_line(
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(f"{path}{where}")):
         RuleSet.compile([RuleSpec("p", **{kind: (str(path),)})], "default")
+
+
+def test_rules_same_file_as_domain_and_ip_list_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "both.txt"
+    path.write_text("")
+    specs = [RuleSpec("p", domain_list=(str(path),)), RuleSpec("q", ip_list=(str(path),))]
+    with pytest.raises(ValueError, match="both domain_list and ip_list"):
+        RuleSet.compile(specs, "default")
 
 
 # --- list files -------------------------------------------------------------------------------
