@@ -118,3 +118,61 @@ default_policy = "only-dead"
         r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url)
         assert r.stdout.startswith(b"hello from plain")
         await p.await_log("strategy=direct (after dead: ")
+
+
+async def test_reload_under_load_drops_no_established_connection(
+    tmp_path: Path, origins: Origins, ca_file: Path
+) -> None:
+    import hashlib
+    import signal
+
+    from proxy.lab.origin import pattern_bytes
+
+    size = 24 * 1024 * 1024
+    config = """
+[[inbound]]
+name = "mixed"
+listen = "127.0.0.1:{port}"
+[[policy]]
+name = "p"
+strategies = ["direct"]
+[[rule]]
+policy = "p"
+domain_suffix = ["RULE"]
+"""
+    url = f"https://localhost:{origins.https[1]}/bytes/{size}"
+    with run_proxy(tmp_path, config.replace("RULE", "first.test")) as p:
+        results: list[bytes] = []
+
+        async def download(i: int) -> None:
+            out = tmp_path / f"dl{i}"
+            await curl(
+                "--socks5-hostname",
+                f"127.0.0.1:{p.port}",
+                "--cacert",
+                str(ca_file),
+                "--limit-rate",
+                "8M",
+                "-o",
+                str(out),
+                url,
+                timeout=60,
+            )
+            results.append(hashlib.sha256(out.read_bytes()).digest())
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(download, i)
+            for n in range(3):
+                await trio.sleep(0.5)
+                p.config.write_text(
+                    config.replace("RULE", f"reload{n}.test").replace("{port}", str(p.port))
+                )
+                p.proc.send_signal(signal.SIGHUP)
+                with trio.fail_after(10):
+                    while p.log_text().count("config reloaded") < n + 1:
+                        await trio.sleep(0.02)
+                assert len(results) < 6, "the downloads must still be running during reloads"
+        expected = hashlib.sha256(pattern_bytes(size)).digest()
+        assert results == [expected] * 6
+        assert p.log_text().count("config reloaded") == 3
