@@ -362,7 +362,10 @@ class _Exchange:
     async def _response(self, upstream: trio.SocketStream) -> None:
         via = [(b"via", self.edge.via)]
         while True:
-            event = await _next_event(self.up, upstream)
+            try:
+                event = await _next_event(self.up, upstream)
+            except (h11.RemoteProtocolError, *_STREAM_ERRORS):
+                event = None  # the backend hung up or spoke garbage before its answer
             if isinstance(event, h11.InformationalResponse):
                 upgrade = _upgrade_of(list(event.headers)) if event.status_code == 101 else None
                 headers = _pass_on(list(event.headers), upgrade, via)

@@ -6,7 +6,8 @@ application would through sidestep: SOCKS5 CONNECT by name (:class:`Socks5Client
 trio TCP stream), TLS with the lab CA for https, one HTTP/1.1 GET with h11. It records what came
 back (status, bytes, SHA-256, time) and how it failed: ``reset``, ``timeout``, ``eof``, ``tls``
 (certificate or handshake), ``socks`` (the proxy could not connect), ``http`` (another status,
-a block page), ``wrong-body``, ``truncated``. A scenario passes only when the expected body
+a block page), ``wrong-body``, ``truncated``, ``proxy`` (the proxy itself failed or is not
+there). A scenario passes only when the expected body
 arrived intact, which is the user's question: does this config get through this censor?
 
 :func:`run_scenarios` runs a table against a lab concurrently (scenarios sharing a server
@@ -198,7 +199,7 @@ async def _get(proxy: Address, url: str, tls: ssl.SSLContext | None, progress: _
         rest = await _socks_connect(tcp, host, port)
         stream = _Prefixed(tcp, rest)
         if parts.scheme == "https":
-            assert tls is not None, "https needs a TLS context"
+            assert tls is not None  # fetch() checked it
             progress.stage = "tls"
             stream = trio.SSLStream(stream, tls, server_hostname=host, https_compatible=True)
             await stream.do_handshake()
@@ -210,7 +211,7 @@ async def _get(proxy: Address, url: str, tls: ssl.SSLContext | None, progress: _
             ("Accept", "*/*"),
             ("Connection", "close"),
         ]
-        target = parts.path or "/"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         await stream.send_all(conn.send(h11.Request(method="GET", target=target, headers=headers)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
         while True:
@@ -287,6 +288,8 @@ async def fetch(
 
     ``tls`` is the client context for https URLs (the lab CA's :meth:`LabCA.client_context`).
     """
+    if url.startswith("https:") and tls is None:
+        raise ValueError("an https URL needs a TLS context")
     progress = _Progress()
     start = trio.current_time()
     error: str | None = None

@@ -157,6 +157,19 @@ async def test_cdn_backend_down_is_bad_gateway(ca: LabCA) -> None:
     assert status == 502 and edge.log[-1].status == 502
 
 
+async def hang_up(conn: h11.Connection, stream: trio.SocketStream, req: h11.Request) -> None:
+    await trio.lowlevel.checkpoint()  # closes without a word
+
+
+async def test_cdn_backend_hanging_up_is_bad_gateway(ca: LabCA) -> None:
+    async with trio.open_nursery() as nursery:
+        rude = await nursery.start(serve_h11, hang_up)
+        async with edge_with(ca, rude_site=rude) as edge, tls_to(edge, ca) as stream:
+            status, body = await get(h11.Connection(h11.CLIENT), stream, "rude.site")
+        nursery.cancel_scope.cancel()
+    assert (status, body) == (502, b"the backend hung up\n")
+
+
 async def test_cdn_carries_large_bodies_both_ways(ca: LabCA) -> None:
     upload = bytes(range(256)) * 4096  # 1 MiB
     async with edge_with(ca) as edge, tls_to(edge, ca) as stream:

@@ -26,6 +26,7 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.cli import main
 from proxy.config import default_config, parse_config
 from proxy.errors import ResolveError
 from proxy.inbound.base import IPAddress
@@ -201,14 +202,16 @@ def test_check_json_document() -> None:
     )
 
 
-def test_check_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+def test_check_config_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text('[dns]\nresolver = "system"\nservrs = ["127.0.0.1"]\n')
     for path in (broken, tmp_path / "missing.toml"):
-        result = sidestep_lab("--check", str(path))
-        assert result.returncode == 2
-        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "servrs" in sidestep_lab("--check", str(broken)).stderr
+        assert main(["lab", "--check", str(path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, err
+        assert ("servrs" in err) == (path == broken)
 
 
 @pytest.mark.parametrize(
@@ -220,9 +223,9 @@ def test_check_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         ["--check", DEFAULT_CONFIG, "--timeout", "0"],
     ],
 )
-def test_usage_errors_exit_2(args: list[str]) -> None:
-    result = sidestep_lab(*args)
-    assert result.returncode == 2 and result.stderr.startswith("sidestep lab: "), result.stderr
+def test_usage_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", *args]) == 2
+    assert capsys.readouterr().err.startswith("sidestep lab: ")
 
 
 def test_lab_runs_in_the_foreground_until_interrupted() -> None:
