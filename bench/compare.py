@@ -13,21 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import struct
-import time
 from dataclasses import dataclass, field
 
-from bench.loadgen import HOLD
 from bench.socks import (
     Opener,
     _pct,
-    _recv_exact,
     bulk,
     direct_opener,
     origin_server,
     rate,
-    rss_kib,
+    rss_with_idle_tunnels,
     socks_opener,
     spawned_proxy,
 )
@@ -68,23 +63,9 @@ def _measure(opener: Opener, args: argparse.Namespace, pid: int | None) -> Figur
     f.conc_rate, lat = rate(opener, args.connections, args.concurrency)
     f.conc_p50_ms = _pct(lat, 0.5) * 1e3
     if pid:
-        time.sleep(0.5)
-        idle = rss_kib(pid)
-        held: list[socket.socket] = []
-        try:
-            for _ in range(args.idle):
-                sock = opener(0)
-                held.append(sock)
-                sock.sendall(struct.pack("!Q", HOLD))
-            for sock in held:
-                _recv_exact(sock, 1)
-            time.sleep(0.5)
-            loaded = rss_kib(pid)
-        finally:
-            for sock in held:
-                sock.close()
+        idle, loaded, held = rss_with_idle_tunnels(opener, pid, args.idle)
         f.idle_mib = idle / 1024
-        f.per_conn_kib = (loaded - idle) / max(1, len(held))
+        f.per_conn_kib = (loaded - idle) / max(1, held)
     return f
 
 

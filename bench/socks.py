@@ -298,12 +298,14 @@ def _measure(args: argparse.Namespace, pid: int | None) -> None:
             _memory(args, proxied, pid)
 
 
-def _memory(args: argparse.Namespace, proxied: Opener, pid: int) -> None:
+def rss_with_idle_tunnels(proxied: Opener, pid: int, count: int) -> tuple[int, int, int]:
+    """RSS of ``pid`` in KiB idle and with ``count`` relayed tunnels held open, and how many
+    tunnels were held."""
     time.sleep(0.5)
     idle = rss_kib(pid)
     held: list[socket.socket] = []
     try:
-        for _ in range(args.idle):
+        for _ in range(count):
             sock = proxied(0)
             held.append(sock)
             sock.sendall(struct.pack("!Q", HOLD))
@@ -314,9 +316,14 @@ def _memory(args: argparse.Namespace, proxied: Opener, pid: int) -> None:
     finally:
         for sock in held:
             sock.close()
-    per = (loaded - idle) / max(1, len(held))
+    return idle, loaded, len(held)
+
+
+def _memory(args: argparse.Namespace, proxied: Opener, pid: int) -> None:
+    idle, loaded, n = rss_with_idle_tunnels(proxied, pid, args.idle)
+    per = (loaded - idle) / max(1, n)
     print(f"memory of pid {pid}")
-    print(f"  idle {idle / 1024:.1f} MiB   with {len(held)} idle tunnels {loaded / 1024:.1f} MiB")
+    print(f"  idle {idle / 1024:.1f} MiB   with {n} idle tunnels {loaded / 1024:.1f} MiB")
     print(f"  {per:.1f} KiB per relayed connection")
 
 
