@@ -3,15 +3,16 @@
 A :class:`Profile` is what :func:`~proxy.lab.world.open_lab` needs to censor the world: the
 middleboxes' rules (:mod:`proxy.lab.rules`), the ISP resolver's lie table
 (:class:`~proxy.lab.dnsserver.DnsPolicy`) and, optionally, on-path DNS injection
-(:class:`~proxy.lab.dnsinject.InjectionPolicy`). The presets follow research section C.8:
+(:class:`~proxy.lab.dnsinject.InjectionPolicy`). The presets follow research section C.8 (and
+RU-5 for QUIC):
 
 ======== ================================================================================
 none      nothing is censored: the no-censorship twin of every scenario
 ru-2021   the Twitter slowdown: SNI globs ``*twitter*``, ``*twimg*``, ``*t.co*`` (which also
           hit microsoft.com.lab) throttled to 16 kbit/s, one segment inspected
 ru-tspu   TSPU since 2022: first-record SNI reset or drop, HTTP redirect, IP reject, the ISP
-          resolver points blocked names at a block page; no QUIC
-ru-2025   ru-tspu plus the freeze: flows to "foreign hosting" stop after 16 KiB
+          resolver points blocked names at a block page; QUIC v1 Initials dropped (UDP flows)
+ru-2025   ru-tspu plus the freeze: TCP flows to "foreign hosting" stop after 16 KiB
 cn        the GFW: DNS injection on the path, SNI reset with full reassembly and 120 s of
           residual blocking, the famous DoH service blocked by IP and by SNI
 ir        bogon DNS (10.10.34.35) and NXDOMAIN hijack, a protocol allow-list, SNI blackhole
@@ -20,8 +21,9 @@ allowlist only the CDN front and open.lab pass; everything else is silenced and 
 ======== ================================================================================
 
 :func:`predict_tcp` and :func:`predict_dns` say what a profile would do to a fresh connection or
-query, by running its rules on a throwaway engine: the lab's table and the scenario runner use
-them, so the descriptions can never drift from the rules.
+query, and :func:`predict_udp` what it does to a QUIC Initial, by running its rules on a
+throwaway engine: the lab's table and the scenario runner use them, so the descriptions can never
+drift from the rules.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ from proxy.lab.rules import (
     Rule,
     Sni,
 )
+from proxy.lab.triggers import QuicInitial, build_quic_initial
 from proxy.protocols.tls_hello import build_client_hello
 
-__all__ = ["PROFILES", "Profile", "get_profile", "predict_dns", "predict_tcp"]
+__all__ = ["PROFILES", "Profile", "get_profile", "predict_dns", "predict_tcp", "predict_udp"]
 
 #: 16 kbit/s, the order of magnitude of Russia's 2021 and 2024 slowdowns
 THROTTLE_RATE = 2000.0
@@ -63,6 +66,8 @@ THROTTLE_RATE = 2000.0
 FREEZE_LIMIT = 16 * 1024
 #: GFW residual blocking is reported between 90 and 180 s
 RESIDUAL_SECONDS = 120.0
+#: TSPU drops QUIC v1 Initials from about this size up (IMC'22, research RU-5; to be verified)
+TSPU_QUIC_MIN_SIZE = 1001
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,14 @@ def _tspu_rules() -> tuple[Rule, ...]:
     first = Reassembly.FIRST_RECORD
     return (
         Rule("tspu-ip", Destination((world.IP_BLOCKED_NET,)), Action.refuse()),
+        # QUIC off since 2022-03 (research RU-5): the Initial gets no answer, TCP still works.
+        # Real TSPU spares domestic servers and reads port 443 only; the lab has neither
+        # distinction (its HTTPS port may be 10443), so every lab QUIC v1 Initial is dropped.
+        Rule(
+            "tspu-quic",
+            QuicInitial(TSPU_QUIC_MIN_SIZE, versions=(1,)),
+            Action.blackhole(),
+        ),
         Rule("tspu-reset", _sni(world.BLOCKED, world.CDN_BACKEND), Action.reset(), first),
         Rule("tspu-drop", _sni(world.TWITTER), Action.blackhole(), first),
         Rule("tspu-throttle", _sni(world.THROTTLED), Action.throttle(THROTTLE_RATE), first),
@@ -133,18 +146,20 @@ def _ru_tspu() -> Profile:
     return Profile(
         "ru-tspu",
         "Russia TSPU 2022-: first-record SNI reset/drop, HTTP redirect, IP reject, ISP DNS "
-        "points at a block page; QUIC off",
+        "points at a block page; QUIC dropped",
         _tspu_rules(),
         _ru_dns(),
     )
 
 
 def _ru_2025() -> Profile:
-    freeze = Rule("ru-freeze", Destination((world.FOREIGN_NET,)), Action.freeze_after(FREEZE_LIMIT))
+    # TCP only: QUIC to foreign hosting is dropped like all QUIC, not frozen
+    foreign = Destination((world.FOREIGN_NET,), protos=("tcp",))
+    freeze = Rule("ru-freeze", foreign, Action.freeze_after(FREEZE_LIMIT))
     rules = _tspu_rules()
     return Profile(
         "ru-2025",
-        "Russia 2025: ru-tspu plus the freeze: flows to foreign hosting (127.62/16) stop "
+        "Russia 2025: ru-tspu plus the freeze: TCP flows to foreign hosting (127.62/16) stop "
         "after 16 KiB",
         (rules[0], freeze, *rules[1:]),
         _ru_dns(),
@@ -290,6 +305,19 @@ def predict_tcp(profile: Profile, name: str, address: tuple[str, int], scheme: s
     if verdict.kind is ActionKind.FORWARD and verdict.rule is None:
         return "pass"
     return _say(verdict.action, by_name.get(verdict.rule or ""))
+
+
+def predict_udp(profile: Profile, address: tuple[str, int]) -> str:
+    """What ``profile`` does to a QUIC v1 Initial (1200 bytes) sent to ``address``."""
+    engine = profile.engine(ManualClock())
+    verdict = engine.on_datagram(Flow("127.0.0.1", 40000, *address, "udp"), build_quic_initial())
+    if verdict.kind is ActionKind.FORWARD and verdict.rule is None:
+        return "pass"
+    rule = next((r for r in profile.rules if r.name == verdict.rule), None)
+    if verdict.forward:
+        return _say(verdict.action, rule)
+    # a datagram cannot be reset or answered: whatever the rule does, it is dropped
+    return _say(verdict.action, rule).replace(_say(verdict.action, None), "drop", 1)
 
 
 def predict_dns(profile: Profile, name: str) -> str:

@@ -5,6 +5,8 @@ A :class:`Trigger` is asked twice per flow at most: ``at_connect`` with addresse
 mode lets it see them (one segment, the first TLS record, or the whole stream so far). A match
 returns a short description for the censor's log; ``None`` means no match. ``for_every_client``
 lets a middlebox refuse or drop SYNs in the kernel when a rule covers every flow to an address.
+UDP flows (:mod:`proxy.lab.udpbox`) give one datagram per ``at_segment``; :class:`QuicInitial`
+reads those.
 
 The engine that runs rules over flows is :mod:`proxy.lab.rules`, which re-exports all of this.
 """
@@ -26,7 +28,8 @@ from proxy.protocols.tls_hello import looks_like_tls, parse_client_hello
 
 __all__ = [
     "AllOf", "AnyData", "AnyOf", "ClientData", "Destination", "Flow", "FragmentedHello",
-    "HttpHost", "Keyword", "NameMatch", "ProtocolAllowList", "Reassembly", "Sni", "Trigger",
+    "HttpHost", "Keyword", "NameMatch", "ProtocolAllowList", "QuicInitial", "Reassembly", "Sni",
+    "Trigger", "build_quic_initial",
 ]  # fmt: skip
 
 
@@ -236,10 +239,12 @@ class Keyword(Trigger):
 
 @dataclass(frozen=True, slots=True)
 class Destination(Trigger):
-    """The server address is in one of ``networks`` and its port in ``ports`` (empty: any)."""
+    """The server address is in one of ``networks``, its port in ``ports`` and the flow's
+    protocol in ``protos`` ("tcp", "udp"); an empty tuple means any."""
 
     networks: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
+    protos: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for n in self.networks:
@@ -258,12 +263,17 @@ class Destination(Trigger):
         return None
 
     def at_connect(self, flow: Flow) -> str | None:
+        if self.protos and flow.proto not in self.protos:
+            return None
         return self._match(flow.server_ip, flow.server_port)
 
     def at_segment(self, flow: Flow, data: ClientData) -> str | None:
-        return self._match(flow.server_ip, flow.server_port)
+        return self.at_connect(flow)
 
     def for_every_client(self, server_ip: str, server_port: int) -> bool | None:
+        # asked by the TCP middlebox about its listening address
+        if self.protos and "tcp" not in self.protos:
+            return False
         return self._match(server_ip, server_port) is not None
 
 
@@ -317,6 +327,75 @@ class FragmentedHello(Trigger):
         if hello is None:
             return "ClientHello cut across segments"
         return f"ClientHello in {hello.record_count} records" if hello.record_count > 1 else None
+
+
+#: QUIC version 2 (RFC 9369) numbers its long-header packet types differently: Initial is 1
+QUIC_V2 = 0x6B3343CF
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A QUIC variable-length integer (RFC 9000 16) at ``pos``: value, position after it."""
+    size = 1 << (data[pos] >> 6)
+    if pos + size > len(data):
+        raise IndexError("varint cut")
+    return int.from_bytes(data[pos : pos + size], "big") & ((1 << (8 * size - 2)) - 1), pos + size
+
+
+def _quic_initial(data: bytes) -> int | None:
+    """The version of a long-header Initial starting ``data`` (header fields whole), or None."""
+    if len(data) < 7 or data[0] & 0xC0 != 0xC0:
+        return None  # short header, or the fixed bit is clear: not QUIC (or not parseable)
+    version = int.from_bytes(data[1:5], "big")
+    initial = 1 if version == QUIC_V2 else 0
+    if version == 0 or (data[0] >> 4) & 0x03 != initial:
+        return None  # version negotiation, or a Handshake/0-RTT/Retry packet
+    try:
+        pos = 5
+        for _ in ("dcid", "scid"):
+            if data[pos] > 20 and version in (1, QUIC_V2):
+                return None
+            pos += 1 + data[pos]
+        token, pos = _varint(data, pos)
+        length, pos = _varint(data, pos + token)
+    except IndexError:
+        return None
+    return version if pos <= len(data) and length > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class QuicInitial(Trigger):
+    """A UDP datagram that starts with a QUIC long-header Initial packet (RFC 9000 17.2.2).
+
+    ``min_size``: clients pad the datagrams carrying their Initials to 1200 bytes (RFC 9000
+    14.1), smaller ones are not matched; ``versions``: the versions that count (empty: any
+    but 0, which is version negotiation); ``ports``: server ports (empty: any). Only the header
+    is read: the CRYPTO frame, and so the SNI, stays encrypted to this trigger.
+    """
+
+    min_size: int = 1200
+    versions: tuple[int, ...] = ()
+    ports: tuple[int, ...] = ()
+
+    def at_segment(self, flow: Flow, data: ClientData) -> str | None:
+        if flow.proto != "udp" or (self.ports and flow.server_port not in self.ports):
+            return None
+        datagram = data.segment
+        if len(datagram) < self.min_size:
+            return None
+        version = _quic_initial(datagram)
+        if version is None or (self.versions and version not in self.versions):
+            return None
+        return f"quic initial version {version:#x}, {len(datagram)} bytes"
+
+
+def build_quic_initial(size: int = 1200, version: int = 1, dcid: bytes = bytes(8)) -> bytes:
+    """A datagram :class:`QuicInitial` matches: an Initial header, then zeros up to ``size``
+    (the payload is not real ciphertext; the censor reads headers only)."""
+    kind = 1 if version == QUIC_V2 else 0
+    head = bytes([0xC0 | kind << 4 | 0x03]) + version.to_bytes(4, "big")
+    head += bytes([len(dcid)]) + dcid + bytes([0]) + b"\x00"  # no SCID, no token
+    rest = max(size - len(head) - 2, 20)
+    return head + (0x4000 | rest).to_bytes(2, "big") + bytes(rest)
 
 
 @dataclass(frozen=True, slots=True)

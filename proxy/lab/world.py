@@ -22,8 +22,10 @@ The address plan (public addresses are what DNS gives out)::
 Every service the censor sits in front of (origins, DoH, CDN, bridge slots) really listens on a
 private twin address, the public one plus 100 in the second octet (127.60.0.2 -> 127.160.0.2),
 and a :class:`~proxy.lab.middlebox.Middlebox` on the public address forwards to it under the
-profile's :class:`~proxy.lab.rules.CensorEngine`. DNS is censored by the ISP resolver's
-:class:`~proxy.lab.dnsserver.DnsPolicy` and, for profiles that inject, by a
+profile's :class:`~proxy.lab.rules.CensorEngine`. Each TLS origin also answers UDP on its HTTPS
+port number (an echo standing in for HTTP/3, see :meth:`Lab.udp_address`), behind a
+:class:`~proxy.lab.udpbox.UdpMiddlebox` running the same engine. DNS is censored by the ISP
+resolver's :class:`~proxy.lab.dnsserver.DnsPolicy` and, for profiles that inject, by a
 :class:`~proxy.lab.dnsinject.DnsInjector` on UDP at every resolver address.
 
 Ports are 443/80/53 when the process may bind them, else 10443/10080/10053 (see
@@ -57,6 +59,7 @@ from proxy.lab.dohserver import DohServer
 from proxy.lab.middlebox import Middlebox
 from proxy.lab.origin import OriginServer
 from proxy.lab.rules import CensorEngine, Hit
+from proxy.lab.udpbox import UdpEchoServer, UdpMiddlebox
 
 if TYPE_CHECKING:
     from proxy.lab.profiles import Profile
@@ -201,14 +204,14 @@ class LabEvent:
     """One thing the censor did, from the lab's own logs (DNS lies and DPI decisions)."""
 
     time: float
-    #: "dns" (resolver lie or injection) or "tcp" (a middlebox decision)
+    #: "dns" (resolver lie or injection), "tcp" or "udp" (a middlebox decision)
     layer: str
     #: the host name it concerned, when the lab can tell
     name: str | None
     #: a :class:`~proxy.lab.rules.ActionKind` or :class:`~proxy.lab.dnsserver.DnsMode` value
     action: str
     detail: str
-    #: the server address of a TCP decision
+    #: the server address of a TCP or UDP decision
     address: str | None = None
 
 
@@ -238,6 +241,9 @@ class Lab:
     middleboxes: dict[Address, Middlebox] = field(default_factory=dict)
     #: (name, scheme) -> the origin server answering for it
     servers: dict[tuple[str, str], OriginServer] = field(default_factory=dict)
+    #: public (ip, port) -> the UDP middlebox there; origin name -> its UDP echo service
+    udp_boxes: dict[Address, UdpMiddlebox] = field(default_factory=dict)
+    udp_servers: dict[str, UdpEchoServer] = field(default_factory=dict)
     doh_servers: dict[str, DohServer] = field(default_factory=dict)
     dns_servers: list[DnsServer] = field(default_factory=list)
     injectors: list[DnsInjector] = field(default_factory=list)
@@ -258,6 +264,13 @@ class Lab:
         if not found:
             raise KeyError(f"{name} is not in the lab zone")
         return found[0], self.ports.of(scheme)
+
+    def udp_address(self, name: str) -> Address:
+        """The public UDP ``(ip, port)`` of TLS origin ``name``: its HTTP/3 stand-in, which
+        echoes ``b"h3:" + payload`` (through the censor, on the HTTPS port number)."""
+        if name not in self.udp_servers:
+            raise KeyError(f"{name} has no UDP service in the lab")
+        return self.address(name)
 
     def url(self, name: str, path: str = "/", scheme: str = "https") -> str:
         """``scheme://name[:port]/path``, the port written only when it is not the default."""
@@ -292,7 +305,8 @@ class Lab:
             named = [n for n in here if f" {n} ~" in hit.trigger]
             who = named[0] if named else (here[0] if len(here) == 1 else None)
             detail = f"{hit.rule}: {hit.trigger}" + (" (residual)" if hit.residual else "")
-            out.append(LabEvent(hit.time, "tcp", who, hit.action.value, detail, ip))
+            layer = hit.flow.proto if hit.flow is not None else "tcp"
+            out.append(LabEvent(hit.time, layer, who, hit.action.value, detail, ip))
         out.sort(key=lambda e: e.time)
         if name is None:
             return out
@@ -300,8 +314,9 @@ class Lab:
         return [e for e in out if e.name == name or (e.name is None and e.address in mine)]
 
     def describe(self, name: str, scheme: str | None = None) -> str:
-        """What the profile does to ``name`` (DNS, then each scheme), predicted from its rules."""
-        from proxy.lab.profiles import predict_dns, predict_tcp
+        """What the profile does to ``name`` (DNS, then each scheme), predicted from its rules;
+        ``"quic"`` is a QUIC Initial to the UDP service of a TLS origin."""
+        from proxy.lab.profiles import predict_dns, predict_tcp, predict_udp
 
         parts = []
         dns_part = predict_dns(self.profile, name)
@@ -311,12 +326,15 @@ class Lab:
         if scheme is not None:
             schemes: tuple[str, ...] = (scheme,)
         elif spec is not None:
-            schemes = ("https",) * spec.https + ("http",) * spec.http
+            schemes = ("https",) * spec.https + ("http",) * spec.http + ("quic",) * spec.https
         else:
             schemes = ("https",)  # the DoH services, the CDN and the bridge slots
         for s in schemes:
             for ip in self.addresses(name):
-                verdict = predict_tcp(self.profile, name, (ip, self.ports.of(s)), s)
+                if s == "quic":
+                    verdict = predict_udp(self.profile, (ip, self.ports.https))
+                else:
+                    verdict = predict_tcp(self.profile, name, (ip, self.ports.of(s)), s)
                 parts.append(verdict if scheme else f"{s}: {verdict}")
         return "; ".join(dict.fromkeys(parts)) or "-"
 
@@ -530,6 +548,16 @@ class _Builder:
                     port = self.ports.of(scheme)
                     await self._origin(spec.name, (hidden, port), tls=scheme == "https")
                     await self._censor((spec.ip, port), (hidden, port), spec.name)
+            if spec.https:
+                await self._udp(spec.name, (spec.ip, self.ports.https), (hidden, self.ports.https))
+
+    async def _udp(self, name: str, public: Address, private: Address) -> None:
+        echo = UdpEchoServer(name)
+        await self.nursery.start(echo.serve, *private)
+        box = UdpMiddlebox(self.lab.engine, listen=public, upstream=private)
+        await self.nursery.start(box.serve)
+        self.lab.udp_servers[name] = echo
+        self.lab.udp_boxes[public] = box
 
     async def _cdn(self) -> None:
         lab, http = self.lab, self.ports.http
