@@ -119,11 +119,12 @@ class App:
         self.config_path = config_path
         self.memory, self.evidence = open_state(config)
         self.network = network_id(config.router.network or None)
+        #: runs the listeners, state saving and the dispatchers' background control probes
+        self._nursery: trio.Nursery | None = None
         self.dispatcher = self._dispatcher(config)
         self._running: dict[str, _Running] = {}
         #: servers removed by a reload whose clients may still be connected
         self._retired: list[InboundServer] = []
-        self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
         #: set once every inbound is listening (tests wait on it)
         self.ready = trio.Event()
@@ -153,7 +154,9 @@ class App:
 
     def _dispatcher(self, config: Config) -> Dispatcher:
         router = Router(config, memory=self.memory, evidence=self.evidence, network=self.network)
-        return Dispatcher(dispatch_settings(config), make_resolver(config), router)
+        return Dispatcher(
+            dispatch_settings(config), make_resolver(config), router, probes=self._nursery
+        )
 
     async def _save_state(self) -> None:
         """Persist the learned memory every so often (and once more at shutdown)."""
@@ -188,7 +191,8 @@ class App:
             running.server.stop_accepting()
         timeout = self.config.shutdown.drain_timeout
         with trio.move_on_after(timeout):
-            while self.open_connections():
+            # control probes still running decide what the last connections taught: let them end
+            while self.open_connections() or self.dispatcher.settling:
                 await trio.sleep(0.05)
         left = self.open_connections()
         if left:
@@ -247,7 +251,9 @@ class App:
         # unchanged keeps its socket (and its clients) and only gets the new settings.
         assert self._nursery is not None
         dispatcher = self.dispatcher
-        if not initial:
+        if initial:
+            dispatcher.probes = self._nursery
+        else:
             dispatcher = self._dispatcher(config)
         wanted = {inb.listen: inb for inb in config.inbound}
         for listen, running in list(self._running.items()):

@@ -36,6 +36,24 @@ def _check_server(text: str) -> None:
         raise ValueError(f"{port!r} is not a port; use a number from 1 to 65535")
 
 
+def _check_control(text: str) -> None:
+    host, sep, port = text.rpartition(":")
+    bare = host.strip("[]")
+    if not sep or not bare:
+        raise ValueError(f'{text!r} is not "host:port"; write one like "example.org:443"')
+    if ":" in bare and not host.startswith("["):
+        raise ValueError(f'{text!r}: put an IPv6 address in brackets, like "[2001:db8::1]:443"')
+    if ":" in bare:
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(f"{bare!r} is not an IPv6 address") from None
+    elif not re.fullmatch(r"[A-Za-z0-9_.-]+", bare) or ".." in bare:
+        raise ValueError(f"{bare!r} is not a host name or IP address")
+    if not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"{port!r} is not a port; use a number from 1 to 65535")
+
+
 def _check_cidr(text: str) -> None:
     try:
         ipaddress.ip_network(text, strict=False)
@@ -169,6 +187,11 @@ class RouterConfig:
     evidence_file: str = ""
     #: rotate the evidence log at this size (bytes)
     evidence_max_bytes: int = option(10 * 1024 * 1024, check=positive)
+    #: uncensored "host:port" sites: a strategy that fails a site is tried against one of these,
+    #: and when it cannot reach that either it is broken here and nothing is learned about the site
+    control: tuple[str, ...] = option((), each=_check_control)
+    #: seconds a control probe may take
+    control_timeout: float = option(5.0, check=positive)
 
 
 def check_routing(

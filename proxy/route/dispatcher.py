@@ -11,6 +11,11 @@ For every tunnel an inbound produces:
 
 The router issue turns step 2 into a choice among strategies with replay of the first flight;
 the shape of this module (resolve, attempt, reply, relay, one log line) stays.
+
+What the attempts taught is recorded right after they end. When control sites are configured,
+the failed strategies are first checked against a control (:meth:`Router.settle`); that runs in
+``probes``, a nursery the app owns, so the client's connection never waits for it, and shutdown
+cancels whatever is still probing.
 """
 
 from __future__ import annotations
@@ -59,14 +64,23 @@ class Dispatcher:
     """Shared by every inbound: turns requests into relayed upstream connections."""
 
     def __init__(
-        self, settings: DispatchSettings, resolver: Resolver, router: Router | None = None
+        self,
+        settings: DispatchSettings,
+        resolver: Resolver,
+        router: Router | None = None,
+        *,
+        probes: trio.Nursery | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
         #: rules, policies, memory; None means every connection goes direct
         self.router = router
+        #: where control probes run in the background; None: failures are recorded unchecked
+        self.probes = probes
         #: tunnels currently open (for drain on shutdown and for status)
         self.active = 0
+        #: connections whose record waits for a control probe
+        self.settling = 0
 
     def context(self, inbound: InboundSettings) -> InboundContextImpl:
         """The context handed to one inbound's handlers."""
@@ -154,11 +168,11 @@ class Dispatcher:
             except AllFailed as exc:
                 tried = _tried(exc.attempts)
                 outcome = f"all-failed: {exc}"
-                self.router.record(decision, target, flight.sni, exc.attempts, None)
+                self._record(decision, target, flight.sni, exc.attempts, None)
                 return
             strategy = winner.strategy
             tried = _tried(winner.attempts)
-            self.router.record(decision, target, flight.sni, winner.attempts, winner.strategy)
+            self._record(decision, target, flight.sni, winner.attempts, winner.strategy)
             up += len(flight.data)
             async with winner.stream:
                 try:
@@ -197,6 +211,39 @@ class Dispatcher:
                 outcome,
                 policy=decision.policy.name,
             )
+
+    def _record(
+        self,
+        decision: Decision,
+        target: Target,
+        sni: str | None,
+        attempts: Sequence[AttemptRecord],
+        worked: str | None,
+    ) -> None:
+        """Record now, or after a background control check when there is one to make."""
+        router = self.router
+        assert router is not None
+        if self.probes is None or not router.to_check(attempts, worked):
+            router.record(decision, target, sni, attempts, worked)
+            return
+        self.settling += 1
+        self.probes.start_soon(self._settle, router, decision, target, sni, attempts, worked)
+
+    async def _settle(
+        self,
+        router: Router,
+        decision: Decision,
+        target: Target,
+        sni: str | None,
+        attempts: Sequence[AttemptRecord],
+        worked: str | None,
+    ) -> None:
+        try:
+            await router.settle(decision, target, sni, attempts, worked, self.resolve)
+        except Exception as exc:  # a background task: never take the app down with it
+            log.warning("recording the attempts for %s failed: %r", target, exc)
+        finally:
+            self.settling -= 1
 
     async def _tunnel_direct(self, request: Request, replier: Replier) -> None:
         """The plain path: connect first so errors reach the client as protocol replies."""

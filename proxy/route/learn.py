@@ -132,7 +132,17 @@ class LearnedMemory:
         now = self._now(at)
         if self.is_unhealthy(network, strategy, now=now):
             return False
-        rec = self._touch(network, site).setdefault(strategy, _Attempts())
+        records = self._touch(network, site)
+        rec = records.setdefault(strategy, _Attempts())
+        # The latest recorded success is the known-good one: keep success times strictly
+        # increasing per site, so a tie (two successes in one clock tick) cannot make
+        # order() and known_good() disagree.
+        latest = max(
+            (r.ok_at for n, r in records.items() if n != strategy and r.ok_at is not None),
+            default=None,
+        )
+        if latest is not None and now <= latest:
+            now = latest + 1e-6
         rec.ok_at = now
         rec.fails = 0
         self._dirty = True

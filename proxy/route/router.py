@@ -4,13 +4,22 @@
 the named strategies and policies, and consults the learned memory so a strategy that worked
 for this site on this network is tried first. It also writes what happened to the evidence log
 and back into the memory. Connections keep the router they started with across a reload.
+
+With ``[router] control`` sites configured, a failure is only learned once the failed strategy
+has been checked against a control (:mod:`proxy.route.control`): the dispatcher runs
+:meth:`Router.settle` in the background instead of calling :meth:`Router.record` directly. A
+strategy that cannot reach a control either is broken on this network, not blocked for the site:
+it is marked unhealthy in the memory (tried last, its successes not stored) and its failure is
+neither learned for the site nor written to the evidence log, where ``sidestep report`` would
+count it as a block. The connection's closing ``recovered``/``exhausted`` event is left out too
+when every failure was such a strategy.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -19,6 +28,7 @@ from proxy.config import Config
 from proxy.detect.evidence import EXHAUSTED, RECOVERED, EvidenceEvent, EvidenceLog
 from proxy.errors import ConfigError
 from proxy.inbound.base import Target
+from proxy.route.control import ControlProbes, ControlResult, ResolveHost
 from proxy.route.learn import LearnedMemory
 from proxy.route.policy import AttemptRecord, Policy
 from proxy.route.rules import Match, RuleSet, RuleSpec
@@ -118,6 +128,11 @@ class Router:
         self.memory = memory
         self.evidence = evidence
         self.network = network
+        #: the control sites and their cached results; None when none are configured
+        self.control: ControlProbes | None = None
+        if config.router.control:
+            controls = [Target.parse(*split_server(c)) for c in config.router.control]
+            self.control = ControlProbes(controls, config.router.control_timeout)
 
     def decide(self, target: Target, inbound: str) -> Decision:
         self.rules.maybe_refresh(trio.current_time())
@@ -132,6 +147,63 @@ class Router:
             names = self.memory.order(self.network, site, names)
         return Decision(policy, tuple(self.strategies[n] for n in names), match, site)
 
+    def to_check(self, attempts: Sequence[AttemptRecord], worked: str | None) -> list[str]:
+        """The strategies to check against a control before recording (none without controls).
+
+        Every strategy that failed, and the one that worked if it is marked unhealthy: its
+        success is only stored once a control gets through it again.
+        """
+        if self.control is None:
+            return []
+        names = list(dict.fromkeys(a.strategy for a in attempts if a.strategy in self.strategies))
+        memory = self.memory
+        if (
+            worked is not None
+            and worked in self.strategies
+            and memory is not None
+            and memory.is_unhealthy(self.network, worked)
+        ):
+            names.append(worked)
+        return names
+
+    async def settle(
+        self,
+        decision: Decision,
+        target: Target,
+        sni: str | None,
+        attempts: Sequence[AttemptRecord],
+        worked: str | None,
+        resolve: ResolveHost,
+    ) -> None:
+        """Check the strategies of :meth:`to_check` against a control, then :meth:`record`."""
+        control = self.control
+        results: dict[str, ControlResult] = {}
+        if control is not None:
+
+            async def check(name: str) -> None:
+                results[name] = await control.check(self.network, self.strategies[name], resolve)
+
+            async with trio.open_nursery() as nursery:
+                for name in self.to_check(attempts, worked):
+                    nursery.start_soon(check, name)
+        down = {name for name, result in results.items() if result is ControlResult.FAILED}
+        memory = self.memory
+        if memory is not None and self.learn:
+            for name, result in results.items():
+                unhealthy = memory.is_unhealthy(self.network, name)
+                if result is ControlResult.FAILED and not unhealthy:
+                    log.warning(
+                        "strategy %s reaches no control site on network %s: not learning its "
+                        "failures, trying it last",
+                        name,
+                        self.network,
+                    )
+                    memory.mark_unhealthy(self.network, name)
+                elif result is ControlResult.REACHED and unhealthy:
+                    log.info("strategy %s reaches a control site again", name)
+                    memory.mark_healthy(self.network, name)
+        self.record(decision, target, sni, attempts, worked, down=down)
+
     def record(
         self,
         decision: Decision,
@@ -139,8 +211,17 @@ class Router:
         sni: str | None,
         attempts: Sequence[AttemptRecord],
         worked: str | None,
+        *,
+        down: Collection[str] = (),
     ) -> None:
-        """Write what the attempts of one connection taught us (memory and evidence)."""
+        """Write what the attempts of one connection taught us (memory and evidence).
+
+        Failures of the strategies in ``down`` (they failed a control too) are left out.
+        """
+        if down:
+            attempts = [a for a in attempts if a.strategy not in down]
+            if not attempts and worked is None:
+                return  # every failure was a broken strategy: nothing to say about the site
         if not attempts and (worked is None or len(decision.strategies) == 1):
             return  # nothing failed and nothing to choose between: nothing to remember
         now = time.time()

@@ -176,3 +176,66 @@ domain_suffix = ["RULE"]
         expected = hashlib.sha256(pattern_bytes(size)).digest()
         assert results == [expected] * 6
         assert p.log_text().count("config reloaded") == 3
+
+
+async def test_dead_upstream_failing_the_control_site_is_not_learned_as_a_block(
+    tmp_path: Path, origins: Origins, nursery: trio.Nursery
+) -> None:
+    import signal
+    import sys
+    from typing import Any
+
+    from proxy.learncli import LEARNED_FILE
+
+    zone = Zone("test").add("open.test", "127.0.0.1")
+    dns = await nursery.start(DnsServer(zone, ("127.53.1.3", 0)).serve)
+    port = origins.http[1]
+    config = f"""
+[[inbound]]
+name = "mixed"
+listen = "127.0.0.1:{{port}}"
+[dns]
+resolver = "udp"
+servers = ["{dns[0]}:{dns[1]}"]
+[[strategy]]
+name = "dead"
+type = "socks5"
+server = "127.0.0.1:{free_port()}"
+[[policy]]
+name = "p"
+strategies = ["dead", "direct"]
+[router]
+default_policy = "p"
+CONTROL
+"""
+    learned: dict[str, list[Any]] = {}
+    for name, control in (("control", f'control = ["127.0.0.1:{port}"]'), ("twin", "")):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        with run_proxy(run_dir, config.replace("CONTROL", control)) as p:
+            url = f"http://open.test:{port}/"
+            r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url)
+            assert r.stdout.startswith(b"hello from plain")
+            await p.await_log("strategy=direct (after dead: ")
+            if control:
+                await p.await_log("strategy dead reaches no control site")
+            p.proc.send_signal(signal.SIGTERM)  # the memory is saved at shutdown
+            with trio.fail_after(10):
+                while p.proc.poll() is None:
+                    await trio.sleep(0.05)
+            state = p.state / LEARNED_FILE
+            shown = await trio.run_process(
+                [sys.executable, "-m", "proxy", "learned", "--state", str(state), "--json"],
+                capture_stdout=True,
+            )
+            learned[name] = json.loads(shown.stdout)
+            if control:
+                doc = json.loads(state.read_text())
+                assert [u["strategy"] for u in doc["unhealthy"]] == ["dead"]
+                assert evidence(p.state) == []  # a dead upstream is no evidence of a block
+    # with a control: the site is known to work directly, and nothing failed for it
+    (entry,) = learned["control"]
+    assert (entry["site"], entry["works"], entry["failures"]) == ("open.test", "direct", [])
+    # the no-control twin learns the dead upstream's failure as before
+    (entry,) = learned["twin"]
+    assert [f["strategy"] for f in entry["failures"]] == ["dead"]
