@@ -129,7 +129,6 @@ class Dispatcher:
         strategy = "-"
         tried = ""
         target = request.target
-        s = self.settings
 
         async def lookup() -> Sequence[IPAddress]:
             return await self.resolve(target.host)
@@ -148,13 +147,7 @@ class Dispatcher:
             # The client must send its first flight before any strategy can be judged, so the
             # answer is "connected" now; a failure later is a clean close.
             await replier.succeed(None)
-            flight = await read_first_flight(
-                request.stream,
-                request.prefix,
-                max_bytes=s.first_flight_max,
-                wait=s.first_flight_wait,
-                timeout=s.first_flight_timeout,
-            )
+            flight = await self._first_flight(request)
             try:
                 winner = await run_policy(
                     decision.policy,
@@ -173,26 +166,10 @@ class Dispatcher:
             strategy = winner.strategy
             tried = _tried(winner.attempts)
             self._record(decision, target, flight.sni, winner.attempts, winner.strategy)
-            up += len(flight.data)
             async with winner.stream:
-                try:
-                    if winner.response:
-                        await request.stream.send_all(winner.response)
-                        down += len(winner.response)
-                    stats = await relay(
-                        request.stream,
-                        winner.stream,
-                        idle_timeout=s.idle_timeout,
-                        buffer_size=s.buffer_size,
-                        splice=s.splice,
-                        closing=True,
-                    )
-                    up += stats.a_to_b
-                    down += stats.b_to_a
-                    if stats.idle_timeout:
-                        outcome = "idle-timeout"
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    outcome = f"closed: {exc.__class__.__name__}"
+                up, down, outcome = await self._pump(
+                    request, winner.stream, flight.data, winner.response, sent=True
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = f"client gone: {exc.__class__.__name__}"
         except ProxyError as exc:
@@ -245,6 +222,50 @@ class Dispatcher:
         finally:
             self.settling -= 1
 
+    async def _first_flight(self, request: Request) -> FirstFlight:
+        s = self.settings
+        return await read_first_flight(
+            request.stream,
+            request.prefix,
+            max_bytes=s.first_flight_max,
+            wait=s.first_flight_wait,
+            timeout=s.first_flight_timeout,
+        )
+
+    async def _pump(
+        self,
+        request: Request,
+        upstream: trio.abc.HalfCloseableStream,
+        first_flight: bytes,
+        first_response: bytes,
+        *,
+        sent: bool,
+    ) -> tuple[int, int, str]:
+        """Finish the exchange of the first bytes, then relay; (bytes up, bytes down, outcome).
+
+        ``sent`` says whether the strategy already sent ``first_flight`` upstream;
+        ``first_response`` are answer bytes an attempt already read (the client gets them first).
+        """
+        s = self.settings
+        up, down = len(first_flight), len(first_response)
+        try:
+            if first_flight and not sent:
+                await upstream.send_all(first_flight)
+            if first_response:
+                await request.stream.send_all(first_response)
+            stats = await relay(
+                request.stream,
+                upstream,
+                idle_timeout=s.idle_timeout,
+                buffer_size=s.buffer_size,
+                splice=s.splice,
+                closing=True,
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return up, down, f"closed: {exc.__class__.__name__}"
+        outcome = "idle-timeout" if stats.idle_timeout else "ok"
+        return up + stats.a_to_b, down + stats.b_to_a, outcome
+
     async def _tunnel_direct(self, request: Request, replier: Replier) -> None:
         """The plain path: connect first so errors reach the client as protocol replies."""
         start = trio.current_time()
@@ -264,31 +285,13 @@ class Dispatcher:
                 try:
                     bound = upstream.socket.getsockname()
                     await replier.succeed((bound[0], bound[1]))
-                    s = self.settings
-                    flight = await read_first_flight(
-                        request.stream,
-                        request.prefix,
-                        max_bytes=s.first_flight_max,
-                        wait=s.first_flight_wait,
-                        timeout=s.first_flight_timeout,
-                    )
-                    if flight.data:
-                        await upstream.send_all(flight.data)
-                        up += len(flight.data)
-                    stats = await relay(
-                        request.stream,
-                        upstream,
-                        idle_timeout=s.idle_timeout,
-                        buffer_size=s.buffer_size,
-                        splice=s.splice,
-                        closing=True,
-                    )
-                    up += stats.a_to_b
-                    down += stats.b_to_a
-                    if stats.idle_timeout:
-                        outcome = "idle-timeout"
+                    flight = await self._first_flight(request)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     outcome = f"closed: {exc.__class__.__name__}"
+                    return
+                up, down, outcome = await self._pump(
+                    request, upstream, flight.data, b"", sent=False
+                )
         except ProxyError as exc:
             outcome = f"{_kind(exc)}: {exc}"
         finally:
