@@ -3,9 +3,9 @@
 ``learned`` lists the learned memory (which strategy works for which site on which network, and
 what failed) and ``--forget SITE`` removes a site. ``report`` summarizes the evidence log.
 
-Both read the files the running proxy writes, by default in :func:`default_state_dir`. Note that
-a running proxy keeps its memory in RAM and saves it every few seconds, so a ``--forget`` made while
-it runs is overwritten by its next save: stop it first (or restart it afterwards).
+Both read the files the running proxy writes, by default in :func:`default_state_dir`. A running
+proxy notices that the file changed under it when it next saves and keeps a forgotten site
+forgotten (unless it has learned about that site again in the meantime).
 
 User mistakes end in one line on stderr and exit status 1 (a file problem, nothing to forget) or
 2 (a bad argument), never a traceback.

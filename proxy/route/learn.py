@@ -120,8 +120,15 @@ class LearnedMemory:
         self._dirty = False
         self._saved_at = -math.inf
         self._save_failing = False
+        # What the state file held when we last read or wrote it, so that a site forgotten
+        # meanwhile by `sidestep learned --forget` stays forgotten when we save again.
+        self._disk_stamp: tuple[int, int] | None = None
+        self._disk_keys: set[tuple[str, str]] = set()
+        self._touched: set[tuple[str, str]] = set()
         if path is not None:
             self._load(path)
+            self._disk_stamp = _stamp(path)
+            self._disk_keys = set(self._sites)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -296,11 +303,29 @@ class LearnedMemory:
         return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
 
     def save(self) -> None:
-        """Write the state file atomically now. Raises :class:`OSError` if that fails."""
+        """Write the state file atomically now. Raises :class:`OSError` if that fails.
+
+        When someone else rewrote the file since we last read or wrote it (``sidestep learned
+        --forget`` while the proxy runs), the sites they removed and we have not touched since
+        are dropped here too instead of being written back.
+        """
         if self.path is not None:
+            if _stamp(self.path) != self._disk_stamp:
+                self._drop_forgotten(self.path)
             write_atomic(self.path, self.dump())
+            self._disk_stamp = _stamp(self.path)
+            self._disk_keys = set(self._sites)
+            self._touched.clear()
         self._dirty = False
         self._saved_at = self._clock()
+
+    def _drop_forgotten(self, path: Path) -> None:
+        try:
+            on_disk, _ = _parse_state(json.loads(path.read_bytes()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return  # unreadable now: ours is the better copy
+        for key in self._disk_keys - set(on_disk) - self._touched:
+            self._sites.pop(key, None)
 
     def maybe_save(self, now: float | None = None) -> bool:
         """Save if there are changes and the last save is ``save_interval`` old. Never raises.
@@ -362,6 +387,7 @@ class LearnedMemory:
 
     def _touch(self, network: str, site: str) -> dict[str, _Attempts]:
         key = (network, site)
+        self._touched.add(key)
         strategies = self._sites.pop(key, None)
         if strategies is None:
             strategies = {}
@@ -403,6 +429,14 @@ class LearnedMemory:
             )
             return
         log.warning("ignoring learned strategies in %s: %s; moved it to %s", path, why, aside)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def write_atomic(path: Path, data: bytes) -> None:

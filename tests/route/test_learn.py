@@ -441,3 +441,35 @@ def test_learn_load_never_raises_and_keeps_or_sets_aside(doc: dict[str, object])
         else:
             assert len(m) == 0
         m.order(NET, "s", POLICY)
+
+
+def test_learn_a_site_forgotten_by_another_process_stays_forgotten(tmp_path: Path) -> None:
+    """`sidestep learned --forget` while the proxy runs: the proxy's next save keeps it gone."""
+    path = tmp_path / "learned.json"
+    running = LearnedMemory(path, clock=lambda: 1000.0)
+    running.record_success("net", "blocked.example", "tor")
+    running.record_success("net", "other.example", "tor")
+    running.save()
+    # another process (the CLI) forgets one site and saves
+    cli = LearnedMemory(path, clock=lambda: 1000.0)
+    assert cli.forget("blocked.example") == 1
+    cli.save()
+    # the proxy keeps learning about another site and saves again
+    running.record_success("net", "third.example", "direct")
+    running.save()
+    sites = {e.site for e in LearnedMemory(path, clock=lambda: 1000.0).entries()}
+    assert sites == {"other.example", "third.example"}
+
+
+def test_learn_a_forgotten_site_learned_again_meanwhile_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "learned.json"
+    running = LearnedMemory(path, clock=lambda: 1000.0)
+    running.record_success("net", "blocked.example", "tor")
+    running.save()
+    cli = LearnedMemory(path, clock=lambda: 1000.0)
+    cli.forget("blocked.example")
+    cli.save()
+    running.record_failure("net", "blocked.example", "direct", "connect-refused")
+    running.save()
+    sites = {e.site for e in LearnedMemory(path, clock=lambda: 1000.0).entries()}
+    assert sites == {"blocked.example"}
