@@ -49,7 +49,8 @@ from proxy.protocols.http_proxy import (
 
 __all__ = ["handle_http"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidestep.inbound.http")
+conn_log = logging.getLogger("sidestep.conn")
 
 RECEIVE_SIZE = 64 * 1024
 
@@ -145,6 +146,9 @@ class _HttpSession:
         self.upstream: _Upstream | None = None
         #: a response head went to the client and its body is not complete yet
         self.responded = False
+        #: status and body bytes of the response being forwarded (for the log line)
+        self.status = 0
+        self.down = 0
 
     # reading from the client
 
@@ -247,6 +251,36 @@ class _HttpSession:
         first_body = await self._next_body_event()
         reused = self.upstream is not None and self.upstream.target == target
         self.responded = False
+        self.status = 0
+        self.down = 0
+        started = trio.current_time()
+        outcome = "ok"
+        try:
+            return await self._forward_once(target, request, first_body, reused)
+        except UpstreamError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            # one line per forwarded request, like the tunnels' (no path: it may be private)
+            conn_log.info(
+                "%s:%d -> %s via %s/http-forward %s status=%s strategy=direct down=%d "
+                "time=%.3fs %s",
+                self.client[0],
+                self.client[1],
+                target,
+                self.settings.name,
+                request.method.decode("ascii", "replace")
+                if isinstance(request.method, bytes)
+                else request.method,
+                self.status or "-",
+                self.down,
+                trio.current_time() - started,
+                outcome,
+            )
+
+    async def _forward_once(
+        self, target: Target, request: ForwardRequested, first_body: Event, reused: bool
+    ) -> bool:
         try:
             try:
                 await self._exchange(target, request, first_body)
@@ -297,6 +331,7 @@ class _HttpSession:
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100 Continue and friends: the client already had ours
             if isinstance(event, h11.Response):
+                self.status = event.status_code
                 self.server.send(
                     ResponseHead(
                         event.status_code,
@@ -306,6 +341,7 @@ class _HttpSession:
                 )
                 self.responded = True
             elif isinstance(event, h11.Data):
+                self.down += len(event.data)
                 self.server.send(BodyData(bytes(event.data)))
             elif isinstance(event, h11.EndOfMessage):
                 self.server.send(BodyEnded())

@@ -61,6 +61,9 @@ async def test_http_forward_keep_alive(proxy: ProxyProcess, origins: Origins) ->
     # curl reuses its one connection to the proxy for the second request
     assert b"Re-using existing connection" in r.stderr or b"Reusing existing" in r.stderr
     assert [t for (_, _, t) in origins.http_server.requests] == ["/", "/bytes/1000"]
+    # one log line per forwarded request, without the path
+    text = await proxy.await_log("http-forward GET status=200 strategy=direct down=1000")
+    assert "/bytes/1000" not in text
 
 
 async def test_http_forward_post_body(proxy: ProxyProcess, origins: Origins) -> None:
