@@ -137,7 +137,7 @@ class App:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._swap(self.config, fresh, initial=True)
+                self._swap(self.config, fresh, self.dispatcher, initial=True)
                 self.ready.set()
                 log.info(
                     "sidestep listening: %s",
@@ -153,7 +153,14 @@ class App:
                 nursery.cancel_scope.cancel()
 
     def _dispatcher(self, config: Config) -> Dispatcher:
-        router = Router(config, memory=self.memory, evidence=self.evidence, network=self.network)
+        base_dir = Path(self.config_path).resolve().parent if self.config_path else None
+        router = Router(
+            config,
+            memory=self.memory,
+            evidence=self.evidence,
+            network=self.network,
+            base_dir=base_dir,
+        )
         return Dispatcher(
             dispatch_settings(config), make_resolver(config), router, probes=self._nursery
         )
@@ -216,7 +223,7 @@ class App:
             return False
         try:
             await self._apply(config, initial=False)
-        except StartupError as exc:
+        except (StartupError, ConfigError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return False
         from proxy.logsetup import setup_logging
@@ -229,8 +236,11 @@ class App:
         return True
 
     async def _apply(self, config: Config, *, initial: bool) -> None:
+        # Build everything that can still refuse the config (rules with missing list files,
+        # bad upstreams) before binding anything, so a refusal changes nothing.
+        dispatcher = self.dispatcher if initial else self._dispatcher(config)
         fresh = await self._bind_new(config)
-        self._swap(config, fresh, initial=initial)
+        self._swap(config, fresh, dispatcher, initial=initial)
 
     async def _bind_new(self, config: Config) -> dict[str, list[RawListener]]:
         """Bind every address the config names that is not bound yet; all or nothing."""
@@ -246,15 +256,19 @@ class App:
             raise
         return fresh
 
-    def _swap(self, config: Config, fresh: dict[str, list[RawListener]], *, initial: bool) -> None:
+    def _swap(
+        self,
+        config: Config,
+        fresh: dict[str, list[RawListener]],
+        dispatcher: Dispatcher,
+        *,
+        initial: bool,
+    ) -> None:
         # Running inbounds are keyed by their listen address: an inbound whose address is
         # unchanged keeps its socket (and its clients) and only gets the new settings.
         assert self._nursery is not None
-        dispatcher = self.dispatcher
         if initial:
             dispatcher.probes = self._nursery
-        else:
-            dispatcher = self._dispatcher(config)
         wanted = {inb.listen: inb for inb in config.inbound}
         for listen, running in list(self._running.items()):
             inb = wanted.get(listen)

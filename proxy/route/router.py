@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -89,7 +90,9 @@ class Router:
         memory: LearnedMemory | None = None,
         evidence: EvidenceLog | None = None,
         network: str = "unknown",
+        base_dir: Path | None = None,
     ) -> None:
+        """``base_dir`` is where the config file lives: relative list files are found there."""
         direct = DirectStrategy(
             "direct", config.outbound.connect_timeout, config.outbound.happy_eyeballs_delay
         )
@@ -115,8 +118,8 @@ class Router:
                 ip_cidr=r.ip_cidr,
                 port=r.port,
                 inbound=r.inbound,
-                domain_list=r.domain_list,
-                ip_list=r.ip_list,
+                domain_list=tuple(_beside(base_dir, f) for f in r.domain_list),
+                ip_list=tuple(_beside(base_dir, f) for f in r.ip_list),
             )
             for r in config.rule
         ]
@@ -260,6 +263,14 @@ class Router:
                     worked=worked,
                 )
             )
+
+
+def _beside(base_dir: Path | None, name: str) -> str:
+    """A list file named relative to the config file is looked up next to it."""
+    path = Path(name).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return str(path)
 
 
 def _site(target: Target) -> str:

@@ -239,3 +239,42 @@ CONTROL
     # the no-control twin learns the dead upstream's failure as before
     (entry,) = learned["twin"]
     assert [f["strategy"] for f in entry["failures"]] == ["dead"]
+
+
+async def test_list_file_next_to_config_and_missing_list_refused(
+    tmp_path: Path, origins: Origins
+) -> None:
+    import signal
+
+    dead = free_port()
+    (tmp_path / "blocked.txt").write_text("# sites that must not go direct\nlocalhost\n")
+    config = f"""
+[[inbound]]
+name = "mixed"
+listen = "127.0.0.1:{{port}}"
+[[strategy]]
+name = "dead"
+type = "socks5"
+server = "127.0.0.1:{dead}"
+[[policy]]
+name = "via-dead"
+strategies = ["dead"]
+[[rule]]
+policy = "via-dead"
+domain_list = ["LIST"]
+"""
+    url_listed = f"http://localhost:{origins.http[1]}/"
+    url_other = f"http://127.0.0.1:{origins.http[1]}/"
+    with run_proxy(tmp_path, config.replace("LIST", "blocked.txt")) as p:
+        # the relative list path is read next to the config: localhost goes to the dead upstream
+        r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url_listed, check=False)
+        assert r.returncode != 0
+        r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url_other)
+        assert r.stdout.startswith(b"hello from plain")
+        # a reload naming a missing list is refused; the running rules stay
+        p.config.write_text(config.replace("LIST", "missing.txt").replace("{port}", str(p.port)))
+        p.proc.send_signal(signal.SIGHUP)
+        text = await p.await_log("reload refused")
+        assert "missing.txt" in text
+        r = await curl("--socks5-hostname", f"127.0.0.1:{p.port}", url_other)
+        assert r.stdout.startswith(b"hello from plain")
