@@ -19,6 +19,7 @@ an event the current state does not allow raises :class:`~proxy.errors.LocalProt
 
 from __future__ import annotations
 
+import abc
 import enum
 import functools
 import ipaddress
@@ -360,7 +361,7 @@ def reply_code_for(error: BaseException) -> ReplyCode:
 # ---------------------------------------------------------------------------------- connections
 
 
-class _Connection:
+class _Connection(abc.ABC):
     """Buffering, bounds and data_to_send shared by both roles."""
 
     def __init__(self) -> None:
@@ -393,8 +394,9 @@ class _Connection:
             raise RemoteProtocolError(f"peer sent more than {MAX_BUFFER} bytes unasked")
         self._buffer += data
 
-    def _close(self) -> None:  # each role sets its own CLOSED state
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Move to this role's CLOSED state."""
 
 
 class Socks5ServerConnection(_Connection):
