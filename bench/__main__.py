@@ -1,4 +1,4 @@
-"""``python -m bench relay`` / ``socks --port 1080`` / ``rules`` (see bench/README.md)."""
+"""``python -m bench relay`` / ``socks --port 1080`` / ``rules`` / ``dnscache`` (see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def main() -> None:
     fb = sub.add_parser("fallback", help="time to first byte of a first visit with one fallback")
     fb.add_argument("--port", type=int, default=18180)
     fb.add_argument("--connections", type=int, default=500)
+    dc = sub.add_parser("dnscache", help="cached DNS answers/s: raw-bytes fast path vs dnspython")
+    dc.add_argument("--names", type=int, default=1000)
+    dc.add_argument("--queries", type=int, default=20000)
+    dc.add_argument("--seed", type=int, default=1)
+    dc.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -51,6 +56,10 @@ def main() -> None:
         from bench.rules import run_rules_bench
 
         run_rules_bench(args.rules, args.queries, args.naive_queries, args.seed, args.repeat)
+    elif args.cmd == "dnscache":
+        from bench.dnscache import run_dnscache_bench
+
+        run_dnscache_bench(args.names, args.queries, args.seed, args.repeat)
     elif args.cmd == "fallback":
         from bench.fallback import run_fallback_bench
 
