@@ -13,18 +13,24 @@ import ipaddress
 import logging
 import os
 import signal
+import urllib.parse
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from proxy.config import Config, InboundConfig, load_config
+from proxy.config import Config, DnsConfig, InboundConfig, load_config
 from proxy.detect.evidence import EvidenceLog
 from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
 from proxy.inbound.listener import InboundServer, RawListener, open_listeners
 from proxy.learncli import EVIDENCE_FILE, LEARNED_FILE, default_state_dir
 from proxy.resolve.base import Resolver
+from proxy.resolve.chain import FallbackResolver
+from proxy.resolve.doh import DohResolver
+from proxy.resolve.dot import DotResolver
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.system import SystemResolver
 from proxy.route.dispatcher import Dispatcher, DispatchSettings
@@ -62,11 +68,47 @@ def dispatch_settings(config: Config) -> DispatchSettings:
     )
 
 
-def make_resolver(config: Config) -> Resolver:
-    """The resolver the ``[dns]`` section asks for."""
-    if config.dns.resolver == "udp":
-        return PlainResolver(config.dns.server_addresses, timeout=config.dns.timeout)
-    return SystemResolver(timeout=config.dns.timeout)
+def make_resolver(config: Config) -> tuple[Resolver, list[AbstractAsyncContextManager[Any]]]:
+    """The resolver the ``[dns]`` section asks for, and the parts of it that must be entered
+    (secure resolvers own a connection task) before it is used."""
+    dns = config.dns
+    if dns.resolver == "udp":
+        return PlainResolver(dns.server_addresses, timeout=dns.timeout), []
+    if dns.resolver == "secure":
+        parts: list[Any] = []
+        for ep in dns.endpoints:
+            url = urllib.parse.urlsplit(ep.url)
+            pins = ep.pin_sha256 or None
+            if url.scheme == "https":
+                parts.append(
+                    DohResolver(
+                        ep.url, ep.bootstrap, timeout=dns.timeout, cafile=ep.cafile, pin_sha256=pins
+                    )
+                )
+            else:
+                parts.append(
+                    DotResolver(
+                        url.hostname or "",
+                        ep.bootstrap,
+                        url.port or 853,
+                        timeout=dns.timeout,
+                        cafile=ep.cafile,
+                        pin_sha256=pins,
+                    )
+                )
+        return FallbackResolver(parts, [ep.url for ep in dns.endpoints]), parts
+    return SystemResolver(timeout=dns.timeout), []
+
+
+async def _hold_open(
+    manager: AbstractAsyncContextManager[Any],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``manager`` entered in a task of its own until the app's nursery ends."""
+    async with manager:
+        task_status.started()
+        await trio.sleep_forever()
 
 
 def open_state(config: Config) -> tuple[LearnedMemory | None, EvidenceLog | None]:
@@ -121,6 +163,9 @@ class App:
         self.network = network_id(config.router.network or None)
         #: runs the listeners, state saving and the dispatchers' background control probes
         self._nursery: trio.Nursery | None = None
+        self._resolver: Resolver | None = None
+        self._dns: DnsConfig | None = None
+        self._unopened: list[AbstractAsyncContextManager[Any]] = []
         self.dispatcher = self._dispatcher(config)
         self._running: dict[str, _Running] = {}
         #: servers removed by a reload whose clients may still be connected
@@ -137,6 +182,7 @@ class App:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await self._open_resolvers()
                 self._swap(self.config, fresh, self.dispatcher, initial=True)
                 self.ready.set()
                 log.info(
@@ -161,9 +207,21 @@ class App:
             network=self.network,
             base_dir=base_dir,
         )
-        return Dispatcher(
-            dispatch_settings(config), make_resolver(config), router, probes=self._nursery
-        )
+        if self._resolver is None or config.dns != self._dns:
+            self._resolver, managed = make_resolver(config)
+            self._dns = config.dns
+            self._unopened.extend(managed)
+        return Dispatcher(dispatch_settings(config), self._resolver, router, probes=self._nursery)
+
+    async def _open_resolvers(self) -> None:
+        """Enter the secure resolvers built for the current config (each in its own task).
+
+        Resolvers replaced by a reload stay open until shutdown: connections that started
+        before the reload may still be using them.
+        """
+        assert self._nursery is not None
+        while self._unopened:
+            await self._nursery.start(_hold_open, self._unopened.pop(0))
 
     async def _save_state(self) -> None:
         """Persist the learned memory every so often (and once more at shutdown)."""
@@ -239,6 +297,8 @@ class App:
         # Build everything that can still refuse the config (rules with missing list files,
         # bad upstreams) before binding anything, so a refusal changes nothing.
         dispatcher = self.dispatcher if initial else self._dispatcher(config)
+        if not initial:
+            await self._open_resolvers()
         fresh = await self._bind_new(config)
         self._swap(config, fresh, dispatcher, initial=initial)
 

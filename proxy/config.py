@@ -17,6 +17,7 @@ import importlib.resources
 import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -83,6 +84,13 @@ def parse_dns_server(text: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
         raise ValueError(f"{port!r} is not a port; use a number from 1 to 65535")
     return str(ip), int(port)
+
+
+def _check_dns_server_ip(value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
 
 
 def _check_dns_server(value: str) -> None:
@@ -260,19 +268,54 @@ class RelayConfig:
     splice: bool = True
 
 
+def _check_endpoint_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "tls") or not parts.hostname:
+        raise ValueError(
+            f"{url!r}: write https://host/path for DNS over HTTPS or tls://host[:port] for "
+            "DNS over TLS"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DnsEndpointConfig:
+    """One DNS-over-HTTPS or DNS-over-TLS server."""
+
+    #: https://host[:port]/path (DoH, RFC 8484) or tls://host[:port] (DoT, RFC 7858)
+    url: str = option(check=_check_endpoint_url)
+    #: the server's IP addresses, so reaching it needs no plaintext lookup of its own name
+    bootstrap: tuple[str, ...] = option(each=_check_dns_server_ip)
+    #: a CA bundle to trust instead of the system's (private resolvers)
+    cafile: str | None = option(None, check=not_empty)
+    #: base64 SHA-256 pins of the server's public key (SPKI); any one must match
+    pin_sha256: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not self.bootstrap:
+            raise ConfigError("a secure endpoint needs its bootstrap IP addresses", key="bootstrap")
+
+
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
     """Turning destination names into addresses."""
 
     #: "system" asks the operating system's resolver; "udp" asks `servers` directly over
-    #: plain DNS (UDP, TCP when the answer is truncated)
-    resolver: Literal["system", "udp"] = "system"
+    #: plain DNS (UDP, TCP when the answer is truncated); "secure" asks `endpoints` (DNS over
+    #: HTTPS or TLS) in order, and no plaintext query leaves
+    resolver: Literal["system", "udp", "secure"] = "system"
     #: "ip" or "ip:port" of plain DNS servers, tried in order (for resolver = "udp")
     servers: tuple[str, ...] = option((), each=_check_dns_server)
+    #: secure endpoints for resolver = "secure", tried in order
+    endpoints: tuple[DnsEndpointConfig, ...] = ()
     #: seconds to wait for an answer
     timeout: float = option(5.0, check=positive)
 
     def validate(self) -> None:
+        if self.resolver == "secure" and not self.endpoints:
+            raise ConfigError(
+                'resolver = "secure" needs at least one [[dns.endpoints]] with url and bootstrap',
+                key="endpoints",
+            )
         if self.resolver == "udp" and not self.servers:
             raise ConfigError(
                 'resolver = "udp" needs at least one server, e.g. servers = ["192.0.2.53:53"]',

@@ -21,6 +21,7 @@ sidestep with the user's config pointed into it, and the whole table.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -35,7 +36,13 @@ import h11
 import trio
 
 from proxy.app import App
-from proxy.config import Config, InboundConfig, default_config, parse_dns_server
+from proxy.config import (
+    Config,
+    DnsEndpointConfig,
+    InboundConfig,
+    default_config,
+    parse_dns_server,
+)
 from proxy.errors import ProxyError, ResolveError
 from proxy.inbound.base import IPAddress
 from proxy.lab import world
@@ -45,6 +52,7 @@ from proxy.lab.profiles import Profile
 from proxy.lab.world import Lab, LabPorts, open_lab, reraise_single
 from proxy.protocols import socks5
 from proxy.resolve.base import Resolver
+from proxy.routerconfig import StrategyConfig, split_server
 
 __all__ = [
     "SCENARIOS", "CheckReport", "ConnectionLog", "Fetch", "LabOnlyResolver", "RunningSidestep",
@@ -466,9 +474,38 @@ def lab_config(config: Config, lab: Lab) -> Config:
                                   lab.authoritative)}  # fmt: skip
         servers = [ours.get(parse_dns_server(s)[0], lab.public_resolver) for s in dns.servers]
         dns = replace(dns, servers=tuple(dict.fromkeys(f"{ip}:{port}" for ip, port in servers)))
+    elif dns.resolver == "secure":
+        # DoH/DoT providers out there are, inside the lab, the lab's own DoH servers (the
+        # famous one first, as the real famous ones usually come first in configs)
+        endpoints = tuple(
+            DnsEndpointConfig(url=ep.url, bootstrap=ep.bootstrap, cafile=str(lab.ca_file))
+            for ep in sorted(lab.doh_endpoints, key=lambda ep: not ep.famous)
+        )
+        dns = replace(dns, endpoints=endpoints)
     shutdown = replace(config.shutdown, drain_timeout=0.0)
-    checked = replace(config, inbound=(inbound,), dns=dns, shutdown=shutdown)
+    checked = replace(
+        config,
+        inbound=(inbound,),
+        dns=dns,
+        shutdown=shutdown,
+        strategy=tuple(_inside_lab(s) for s in config.strategy),
+    )
     return _private_state(checked, lab)
+
+
+#: where an upstream proxy outside the lab is sent during a check: nothing listens there, so
+#: the attempt fails at once (a check must never dial out of the machine)
+OUTSIDE_LAB = "127.255.255.254:9"
+
+
+def _inside_lab(strategy: StrategyConfig) -> StrategyConfig:
+    """Upstream proxies on loopback keep their address; others cannot be reached from the lab."""
+    if strategy.type == "direct":
+        return strategy
+    server = strategy.server or ("127.0.0.1:9050" if strategy.type == "tor" else None)
+    if server is None or ipaddress.ip_address(split_server(server)[0]).is_loopback:
+        return strategy
+    return replace(strategy, server=OUTSIDE_LAB)
 
 
 def _private_state(config: Config, lab: Lab) -> Config:

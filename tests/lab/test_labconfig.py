@@ -1,0 +1,46 @@
+"""lab_config keeps a checked config inside the lab: secure DNS and upstreams included."""
+
+from __future__ import annotations
+
+from proxy.config import parse_config
+from proxy.lab.scenarios import OUTSIDE_LAB, lab_config, open_sidestep
+from proxy.lab.world import Lab
+
+SECURE = """
+[dns]
+resolver = "secure"
+[[dns.endpoints]]
+url = "https://cloudflare-dns.com/dns-query"
+bootstrap = ["1.1.1.1"]
+[[strategy]]
+name = "vps"
+type = "socks5"
+server = "203.0.113.5:1080"
+[[strategy]]
+name = "local"
+type = "socks5"
+server = "127.0.0.1:1081"
+[[strategy]]
+name = "tor"
+type = "tor"
+"""
+
+
+async def test_lab_config_maps_secure_dns_and_outside_upstreams_into_the_lab(lab: Lab) -> None:
+    checked = lab_config(parse_config(SECURE, "secure.toml"), lab)
+    urls = [ep.url for ep in checked.dns.endpoints]
+    assert urls == [ep.url for ep in sorted(lab.doh_endpoints, key=lambda e: not e.famous)]
+    assert all(ep.cafile == str(lab.ca_file) for ep in checked.dns.endpoints)
+    assert all(b.startswith("127.") for ep in checked.dns.endpoints for b in ep.bootstrap)
+    servers = {s.name: s.server for s in checked.strategy}
+    assert servers == {"vps": OUTSIDE_LAB, "local": "127.0.0.1:1081", "tor": None}
+
+
+async def test_secure_config_resolves_through_lab_doh(lab: Lab) -> None:
+    from proxy.lab.scenarios import fetch
+
+    config = parse_config(SECURE, "secure.toml")
+    async with open_sidestep(lab, config) as running:
+        result = await fetch(running.address, lab.url("open.lab"), tls=lab.ca.client_context())
+    assert result.status == 200, result
+    assert any(e.qname.startswith("open.lab") for s in lab.doh_servers.values() for e in s.log)
