@@ -37,6 +37,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
+from typing import Self
 
 import dns.edns
 import dns.exception
@@ -54,7 +55,7 @@ from proxy.net.dial import format_address, open_tcp
 from proxy.net.h2client import H2ClientConnection, H2Error, H2StreamReset
 from proxy.resolve.base import ip_literal
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sidestep.resolve")
 
 DNS_MESSAGE = "application/dns-message"
 #: RFC 8467 4.1: pad queries to a multiple of this many octets
@@ -280,7 +281,43 @@ async def resolve_both(host: str, query: QueryFn, timeout: float) -> list[IPAddr
 # --- the resolver ---------------------------------------------------------------------------
 
 
-class DohResolver:
+class PooledConnectionOwner:
+    """Owns a background nursery for a pooled connection's reader task; use as ``async with``.
+
+    Subclasses set ``_conn`` and implement :meth:`aclose` (close the connection, then call
+    :meth:`_stop_tasks`).
+    """
+
+    def _init_pool(self) -> None:
+        self._dial_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        #: TCP connections opened so far (for health tracking and tests)
+        self.connections_opened = 0
+
+    async def __aenter__(self) -> Self:
+        stack = AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        stack, self._stack, self._nursery = self._stack, None, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        raise TypeError("subclasses close their own connection")  # pragma: no cover
+
+
+class DohResolver(PooledConnectionOwner):
     """An RFC 8484 endpoint at ``url`` (``https://host[:port]/path``), reached at ``bootstrap``.
 
     ``method`` is "POST" or "GET". ``timeout`` bounds each query, retry included. TLS:
@@ -326,29 +363,7 @@ class DohResolver:
             check_hostname=bool(self.server_name),
         )
         self._conn: H2ClientConnection | None = None
-        self._dial_lock = trio.Lock()
-        self._nursery: trio.Nursery | None = None
-        self._stack: AsyncExitStack | None = None
-        #: TCP connections opened so far (for health tracking and tests)
-        self.connections_opened = 0
-
-    async def __aenter__(self) -> DohResolver:
-        stack = AsyncExitStack()
-        self._nursery = await stack.enter_async_context(trio.open_nursery())
-        self._stack = stack
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        await self.aclose()
-        stack, self._stack, self._nursery = self._stack, None, None
-        if stack is None:
-            return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        self._init_pool()
 
     async def aclose(self) -> None:
         """Close the pooled connection; queries after this fail."""

@@ -18,9 +18,7 @@ import logging
 import secrets
 import ssl
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import dns.exception
 import dns.message
@@ -30,6 +28,7 @@ import trio
 from proxy.errors import ResolveError
 from proxy.inbound.base import IPAddress
 from proxy.resolve.doh import (
+    PooledConnectionOwner,
     normalize_pins,
     open_secure_stream,
     padded_query,
@@ -39,7 +38,7 @@ from proxy.resolve.doh import (
     secure_context,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sidestep.resolve")
 
 _MAX_PENDING = 256  # queries in flight on one connection
 
@@ -148,7 +147,7 @@ class _DotConnection:
         return entry.response
 
 
-class DotResolver:
+class DotResolver(PooledConnectionOwner):
     """An RFC 7858 endpoint: ``server_name`` at ``bootstrap`` IPs, port ``port``.
 
     TLS options as for :class:`~proxy.resolve.doh.DohResolver`; ``sni`` overrides the name
@@ -184,29 +183,7 @@ class DotResolver:
         )
         self.label = f"tls://{server_name}:{port}"
         self._conn: _DotConnection | None = None
-        self._dial_lock = trio.Lock()
-        self._nursery: trio.Nursery | None = None
-        self._stack: AsyncExitStack | None = None
-        #: TCP connections opened so far
-        self.connections_opened = 0
-
-    async def __aenter__(self) -> DotResolver:
-        stack = AsyncExitStack()
-        self._nursery = await stack.enter_async_context(trio.open_nursery())
-        self._stack = stack
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        await self.aclose()
-        stack, self._stack, self._nursery = self._stack, None, None
-        if stack is None:
-            return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        self._init_pool()
 
     async def aclose(self) -> None:
         """Close the connection; queries after this fail."""
