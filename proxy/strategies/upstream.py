@@ -249,13 +249,13 @@ def socks5_reply_error(code: ReplyCode, via: str) -> UpstreamError:
 
 
 @dataclass(frozen=True, slots=True)
-class Socks5Strategy:
-    """Tunnel through a SOCKS5 proxy (RFC 1928), with username/password auth (RFC 1929)
-    when ``username`` is set.
+class _UpstreamProxy:
+    """What SOCKS5 and HTTP CONNECT upstreams share: the server, credentials, timeouts, and
+    connect = reach the upstream, run the protocol's handshake, send the first flight.
 
     ``server`` is ``(ip, port)``; a name is refused so that reaching the upstream needs no
     lookup. ``connect_timeout`` bounds the TCP connect to the upstream, ``handshake_timeout``
-    the whole SOCKS exchange (which includes the upstream's own connect to the target).
+    the whole exchange (which includes the upstream's own connect to the target).
     """
 
     name: str
@@ -267,15 +267,12 @@ class Socks5Strategy:
     handshake_timeout: float = 10.0
     _address: IPAddress = field(init=False, repr=False, compare=False)
 
-    kind: ClassVar[str] = "socks5"
+    kind: ClassVar[str] = "upstream"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_address", _server_address(self.kind, self.server))
         if self.password is not None and self.username is None:
             raise ConfigError(f"{self.kind} upstream: a password needs a username")
-        for value in (self.username, self.password):
-            if value is not None and len(value.encode()) > 255:
-                raise ConfigError(f"{self.kind} upstream: username and password are 1-255 bytes")
 
     @property
     def via(self) -> str:
@@ -293,10 +290,28 @@ class Socks5Strategy:
             with trio.move_on_after(self.handshake_timeout):
                 trailing = await self._handshake(stream, host, target.port)
                 return await _finish(stream, self.via, trailing, first_flight)
-            raise ConnectTimeout(f"{self.via}: no reply within {self.handshake_timeout:g} s")
+            raise ConnectTimeout(f"{self.via}: no answer within {self.handshake_timeout:g} s")
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+
+    async def _handshake(self, stream: trio.abc.Stream, host: str, port: int) -> bytes:
+        """The protocol's exchange up to the open tunnel; returns bytes that followed it."""
+        raise TypeError(f"{type(self).__name__} must implement _handshake")
+
+
+@dataclass(frozen=True, slots=True)
+class Socks5Strategy(_UpstreamProxy):
+    """Tunnel through a SOCKS5 proxy (RFC 1928), with username/password auth (RFC 1929)
+    when ``username`` is set. Fields and timeouts as in :class:`_UpstreamProxy`."""
+
+    kind: ClassVar[str] = "socks5"
+
+    def __post_init__(self) -> None:
+        _UpstreamProxy.__post_init__(self)
+        for value in (self.username, self.password):
+            if value is not None and len(value.encode()) > 255:
+                raise ConfigError(f"{self.kind} upstream: username and password are 1-255 bytes")
 
     async def _handshake(self, stream: trio.abc.Stream, host: str, port: int) -> bytes:
         """Greeting, authentication, CONNECT; returns bytes that followed the reply."""
@@ -394,34 +409,15 @@ def basic_credentials(username: str, password: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class HttpConnectStrategy:
+class HttpConnectStrategy(_UpstreamProxy):
     """Tunnel through an HTTP/1.1 proxy with ``CONNECT host:port``.
 
     ``username``/``password`` go in a ``Proxy-Authorization: Basic`` header (sent in clear to
-    the upstream: fine for a proxy on a trusted network, not across the censor's). Timeouts as
-    in :class:`Socks5Strategy`.
+    the upstream: fine for a proxy on a trusted network, not across the censor's). Fields and
+    timeouts as in :class:`_UpstreamProxy`.
     """
 
-    name: str
-    server: tuple[str, int]
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    remote_dns: bool = True
-    connect_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    _address: IPAddress = field(init=False, repr=False, compare=False)
-
     kind: ClassVar[str] = "http"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_address", _server_address(self.kind, self.server))
-        if self.password is not None and self.username is None:
-            raise ConfigError(f"{self.kind} upstream: a password needs a username")
-
-    @property
-    def via(self) -> str:
-        """``"via http upstream 127.0.0.1:3128"``: how errors name this upstream."""
-        return f"via {self.kind} upstream {format_address(self._address, self.server[1])}"
 
     def request(self, host: str, port: int) -> h11.Request:
         """The CONNECT request this strategy sends for ``host:port``."""
@@ -432,22 +428,6 @@ class HttpConnectStrategy:
                 ("Proxy-Authorization", basic_credentials(self.username, self.password or ""))
             )
         return h11.Request(method="CONNECT", target=authority, headers=headers)
-
-    async def connect(
-        self, target: Target, addresses: Sequence[IPAddress], first_flight: bytes
-    ) -> trio.abc.HalfCloseableStream:
-        host = _request_host(target, addresses, self.remote_dns)
-        stream = await _open_upstream(
-            self.kind, self._address, self.server[1], self.connect_timeout
-        )
-        try:
-            with trio.move_on_after(self.handshake_timeout):
-                trailing = await self._handshake(stream, host, target.port)
-                return await _finish(stream, self.via, trailing, first_flight)
-            raise ConnectTimeout(f"{self.via}: no answer within {self.handshake_timeout:g} s")
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
 
     async def _handshake(self, stream: trio.abc.Stream, host: str, port: int) -> bytes:
         try:
