@@ -60,10 +60,16 @@ def require_loopback(host: str) -> None:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"lab servers listen on an IP literal, not {host!r}") from None
+        raise ValueError(f"the lab only uses loopback IP literals, not {host!r}") from None
     ok = ip in _LOOPBACK_V4 if ip.version == 4 else ip == ipaddress.IPv6Address("::1")
     if not ok:
-        raise ValueError(f"lab servers listen only on 127.0.0.0/8 or ::1, not {host}")
+        raise ValueError(f"the lab only uses loopback (127.0.0.0/8 or ::1), not {host}")
+
+
+def loopback_address(addr: tuple[str, int]) -> tuple[str, int]:
+    """``addr`` with its host checked by :func:`require_loopback` and written canonically."""
+    require_loopback(addr[0])
+    return str(ipaddress.ip_address(addr[0])), addr[1]
 
 
 @dataclass(frozen=True, slots=True)

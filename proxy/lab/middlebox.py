@@ -36,7 +36,6 @@ Everything the middlebox opens is closed when :meth:`Middlebox.serve` is cancell
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import struct
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from proxy.lab.dnsserver import loopback_address
 from proxy.lab.rules import Action, ActionKind, CensorEngine, Flow
 
 __all__ = ["FlowStats", "Middlebox"]
@@ -57,17 +57,6 @@ _HOLD = frozenset({ActionKind.BLACKHOLE, ActionKind.DROP_SYN})
 _RESET = frozenset({ActionKind.RESET, ActionKind.REFUSE})
 #: after these, a client EOF ends the flow instead of being passed on
 _SUPPRESS = frozenset({ActionKind.BLACKHOLE, ActionKind.DROP_SYN, ActionKind.DROP_CLIENT})
-
-
-def _loopback(addr: tuple[str, int], what: str) -> tuple[str, int]:
-    host, port = addr
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{what} must be an IP literal, not {host!r}") from None
-    if not ip.is_loopback:
-        raise ValueError(f"the lab only uses loopback (127.0.0.0/8 or ::1); {what} is {host}")
-    return str(ip), port
 
 
 @dataclass(eq=False)
@@ -118,8 +107,8 @@ class Middlebox:
         real_refusal: bool = True,
     ) -> None:
         self.engine = engine
-        self.listen = _loopback(listen, "listen")
-        self.upstream = _loopback(upstream, "upstream")
+        self.listen = loopback_address(listen)
+        self.upstream = loopback_address(upstream)
         self.buffer_size = buffer_size
         self.connect_timeout = connect_timeout
         #: refuse or drop SYNs in the kernel when a rule covers every flow (see module docstring)

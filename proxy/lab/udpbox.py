@@ -21,13 +21,13 @@ with ``b"h3:" + payload``. Both bind loopback only, and close every socket when 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
 
 import trio
 
+from proxy.lab.dnsserver import loopback_address
 from proxy.lab.rules import ActionKind, CensorEngine, Flow
 
 __all__ = ["ECHO_PREFIX", "UdpEchoServer", "UdpFlowStats", "UdpMiddlebox"]
@@ -41,17 +41,6 @@ ECHO_PREFIX = b"h3:"
 _MAX_DATAGRAM = 65535
 #: an ICMP error for an earlier send, which Linux reports on the next receive
 _ICMP_ERRORS = (ConnectionRefusedError, ConnectionResetError)
-
-
-def _loopback(addr: Address, what: str) -> Address:
-    host, port = addr
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{what} must be an IP literal, not {host!r}") from None
-    if not ip.is_loopback:
-        raise ValueError(f"the lab only uses loopback (127.0.0.0/8 or ::1); {what} is {host}")
-    return str(ip), port
 
 
 def _udp_socket(ip: str) -> trio.socket.SocketType:
@@ -95,8 +84,8 @@ class UdpMiddlebox:
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
         self.engine = engine
-        self.listen = _loopback(listen, "listen")
-        self.upstream = _loopback(upstream, "upstream")
+        self.listen = loopback_address(listen)
+        self.upstream = loopback_address(upstream)
         self.idle_timeout = idle_timeout
         #: the bound address, once :meth:`serve` has started
         self.address: Address | None = None
@@ -218,7 +207,7 @@ class UdpEchoServer:
         task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Answer datagrams on ``(ip, port)`` until cancelled; reports the bound address."""
-        ip, port = _loopback((ip, port), "listen")
+        ip, port = loopback_address((ip, port))
         with _udp_socket(ip) as sock:
             await sock.bind((ip, port))
             self.address = (ip, sock.getsockname()[1])

@@ -37,7 +37,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import dns.edns
 import dns.exception
@@ -316,6 +316,31 @@ class PooledConnectionOwner:
     async def aclose(self) -> None:
         raise TypeError("subclasses close their own connection")  # pragma: no cover
 
+    # --- queries, the same over every secure transport ----------------------------------------
+
+    #: "DoH" / "DoT", for messages
+    transport: ClassVar[str] = "secure DNS"
+    timeout: float
+
+    async def resolve(self, host: str) -> list[IPAddress]:
+        return await resolve_both(host, self.query, self.timeout)
+
+    async def query(self, name: str | dns.name.Name, rdtype: int | str) -> dns.message.Message:
+        """Ask one question; the response (any rcode) or ResolveError."""
+        return await self._exchange(padded_query(name, rdtype))
+
+    async def forward(self, query: dns.message.Message) -> dns.message.Message:
+        """Send a client's query (padded, with the transport's own ID on the wire); the
+        answer comes back with the client's ID."""
+        if len(query.question) != 1:
+            raise ResolveError(f"{self.transport} forwards queries with exactly one question")
+        response = await self._exchange(repad(query))
+        response.id = query.id
+        return response
+
+    async def _exchange(self, query: dns.message.Message) -> dns.message.Message:
+        raise TypeError("subclasses exchange messages their own way")  # pragma: no cover
+
 
 class DohResolver(PooledConnectionOwner):
     """An RFC 8484 endpoint at ``url`` (``https://host[:port]/path``), reached at ``bootstrap``.
@@ -324,6 +349,8 @@ class DohResolver(PooledConnectionOwner):
     ``ssl_context``, or ``cafile``/``cadata`` (else the system store); ``pin_sha256`` adds SPKI
     pins; ``server_name`` overrides the name sent as SNI and checked in the certificate.
     """
+
+    transport: ClassVar[str] = "DoH"
 
     def __init__(
         self,
@@ -372,23 +399,6 @@ class DohResolver(PooledConnectionOwner):
             await conn.aclose()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-
-    # --- public queries -----------------------------------------------------------------------
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return await resolve_both(host, self.query, self.timeout)
-
-    async def query(self, name: str | dns.name.Name, rdtype: int | str) -> dns.message.Message:
-        """Ask one question; the response (any rcode) or ResolveError."""
-        return await self._exchange(padded_query(name, rdtype))
-
-    async def forward(self, query: dns.message.Message) -> dns.message.Message:
-        """Send a client's query as is (ID 0 and padding on the wire); answer with its ID."""
-        if len(query.question) != 1:
-            raise ResolveError("DoH forwards queries with exactly one question")
-        response = await self._exchange(repad(query))
-        response.id = query.id
-        return response
 
     # --- internals ----------------------------------------------------------------------------
 

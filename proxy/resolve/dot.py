@@ -19,6 +19,7 @@ import secrets
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import dns.exception
 import dns.message
@@ -31,10 +32,7 @@ from proxy.resolve.doh import (
     PooledConnectionOwner,
     normalize_pins,
     open_secure_stream,
-    padded_query,
     parse_bootstrap,
-    repad,
-    resolve_both,
     secure_context,
 )
 
@@ -154,6 +152,8 @@ class DotResolver(PooledConnectionOwner):
     sent as SNI and checked in the certificate (default ``server_name``; "" sends none).
     """
 
+    transport: ClassVar[str] = "DoT"
+
     def __init__(
         self,
         server_name: str,
@@ -193,21 +193,6 @@ class DotResolver(PooledConnectionOwner):
             conn.die("closed by us")
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return await resolve_both(host, self.query, self.timeout)
-
-    async def query(self, name: str | dns.name.Name, rdtype: int | str) -> dns.message.Message:
-        """Ask one question; the response (any rcode) or ResolveError."""
-        return await self._exchange(padded_query(name, rdtype))
-
-    async def forward(self, query: dns.message.Message) -> dns.message.Message:
-        """Send a client's query (padded, our own ID on the wire); answer with its ID."""
-        if len(query.question) != 1:
-            raise ResolveError("DoT forwards queries with exactly one question")
-        response = await self._exchange(repad(query))
-        response.id = query.id
-        return response
 
     async def _exchange(self, query: dns.message.Message) -> dns.message.Message:
         qname = query.question[0].name.to_text(True)
