@@ -27,6 +27,7 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
 from proxy.inbound.listener import InboundServer, RawListener, open_listeners
 from proxy.learncli import EVIDENCE_FILE, LEARNED_FILE, default_state_dir
+from proxy.pac import PacScript, proxy_directive
 from proxy.resolve.base import Resolver
 from proxy.resolve.chain import FallbackResolver
 from proxy.resolve.doh import DohResolver
@@ -132,13 +133,22 @@ def open_state(config: Config) -> tuple[LearnedMemory | None, EvidenceLog | None
     return memory, EvidenceLog(evidence, max_bytes=config.router.evidence_max_bytes)
 
 
-def inbound_settings(inbound: InboundConfig) -> InboundSettings:
+def inbound_settings(inbound: InboundConfig, router: Router | None = None) -> InboundSettings:
+    pac = None
+    if router is not None:
+        script = PacScript(router.rules, router.direct_policies(), inbound.name)
+
+        def pac(address: str) -> bytes:
+            return script.render(proxy_directive(inbound.protocol, address))
+
     return InboundSettings(
         name=inbound.name,
         users={u.username: u.password for u in inbound.users},
         handshake_timeout=inbound.handshake_timeout,
         udp=inbound.udp,
         idle_timeout=inbound.idle_timeout,
+        pac=pac,
+        listen=inbound.listen,
     )
 
 
@@ -339,14 +349,14 @@ class App:
                 continue
             running.server.name = inb.name
             running.server.protocol = inb.protocol
-            running.server.ctx = dispatcher.context(inbound_settings(inb))
+            running.server.ctx = dispatcher.context(inbound_settings(inb, dispatcher.router))
             running.server.allow = _allow(inb)
         for listen, listeners in fresh.items():
             inb = wanted[listen]
             server = InboundServer(
                 name=inb.name,
                 protocol=inb.protocol,
-                ctx=dispatcher.context(inbound_settings(inb)),
+                ctx=dispatcher.context(inbound_settings(inb, dispatcher.router)),
                 allow=_allow(inb),
             )
             server.bind_info(listeners)

@@ -107,6 +107,11 @@ class InboundSettings:
     udp_idle_timeout: float = 120.0
     #: time an idle keep-alive HTTP client connection is kept open
     idle_timeout: float = 300.0
+    #: the PAC script served at ``/proxy.pac`` by HTTP-speaking inbounds: a function from the
+    #: address clients reach this inbound at (``"127.0.0.1:1080"``) to the script; None: no PAC
+    pac: Callable[[str], bytes] | None = None
+    #: this inbound's own address, for the PAC when a request names no usable Host
+    listen: str = ""
 
     def check_password(self, username: str, password: str) -> bool:
         """Constant-time check of a username/password pair."""

@@ -8,8 +8,9 @@ this module only moves bytes and keeps time.
 - Absolute-form ``http://`` requests are forwarded by us: one upstream HTTP/1.1 connection
   (driven by an ``h11`` client) per target, reused while the same client keeps asking the same
   host:port. Bodies stream through in both directions chunk by chunk; h11 re-frames them.
-- Requests to the proxy itself (origin-form) get a 400 for now: the web inbound serves PAC and
-  status pages.
+- Requests to the proxy itself (origin-form): ``GET /proxy.pac`` (and ``/wpad.dat``) returns
+  the PAC script generated from the router's rules (:mod:`proxy.pac`), pointing back at the
+  address the client used in its Host header; anything else gets a 400.
 - ``Upgrade`` requests (plain ``ws://`` through the forwarder) are refused with 501. Browsers
   send WebSockets through an HTTP proxy with CONNECT, so they are unaffected.
 
@@ -31,6 +32,7 @@ import trio
 
 from proxy.errors import NotAllowed, ProtocolError, RemoteProtocolError, UpstreamError
 from proxy.inbound.base import InboundContext, Request, Target
+from proxy.pac import PAC_CONTENT_TYPE, parse_host_header
 from proxy.protocols.http_proxy import (
     BodyData,
     BodyEnded,
@@ -197,7 +199,7 @@ class _HttpSession:
             if isinstance(event, ClientDisconnected):
                 return
             if isinstance(event, OriginFormRequested):
-                await self._refuse(400, "this is a proxy: ask for an absolute http:// URL")
+                await self._serve_local(event)
                 return
             if isinstance(event, ConnectRequested | ForwardRequested) and not self._authorized(
                 event.proxy_auth
@@ -220,6 +222,28 @@ class _HttpSession:
         if not self.settings.auth_required:
             return True
         return credentials is not None and self.settings.check_password(*credentials)
+
+    async def _serve_local(self, event: OriginFormRequested) -> None:
+        """A request to the proxy itself: the PAC file, or a 400 explaining what we are."""
+        path = event.path.partition("?")[0]
+        pac = self.settings.pac
+        if pac is None or path not in ("/proxy.pac", "/wpad.dat"):
+            await self._refuse(400, "this is a proxy: ask for an absolute http:// URL")
+            return
+        if event.method not in ("GET", "HEAD"):
+            await self._refuse(405, "the PAC file is fetched with GET")
+            return
+        host = next((v for k, v in event.headers if k.lower() == b"host"), b"")
+        address = parse_host_header(host.decode("latin-1")) or self.settings.listen
+        body = pac(address)
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            f"Content-Type: {PAC_CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Cache-Control: no-cache\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        await self.stream.send_all(head if event.method == "HEAD" else head + body)
 
     async def _refuse(self, status: int, message: str) -> None:
         await self.stream.send_all(error_response(status, message=message))

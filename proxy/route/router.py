@@ -137,6 +137,15 @@ class Router:
             controls = [Target.parse(*split_server(c)) for c in config.router.control]
             self.control = ControlProbes(controls, config.router.control_timeout)
 
+    def direct_policies(self) -> set[str]:
+        """Names of the policies that are a plain direct connection and nothing else."""
+        return {
+            name
+            for name, policy in self.policies.items()
+            if len(policy.strategies) == 1
+            and isinstance(self.strategies.get(policy.strategies[0]), DirectStrategy)
+        }
+
     def decide(self, target: Target, inbound: str) -> Decision:
         self.rules.maybe_refresh(trio.current_time())
         ip = target.ip

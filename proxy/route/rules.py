@@ -124,6 +124,21 @@ class Match:
 Entry = tuple[str, "str | IPNetwork"]  # (kind, normalised value)
 
 
+@dataclass(frozen=True, slots=True)
+class RuleView:
+    """One compiled rule as plain data (:meth:`RuleSet.views`)."""
+
+    policy: str
+    name: str
+    #: (kind, value): kind is one of "domain", "domain_suffix", "domain_keyword",
+    #: "domain_regex" (value a str) or "ip_cidr" (value a network)
+    entries: tuple[Entry, ...]
+    #: inclusive port ranges; None: any port
+    ports: tuple[tuple[int, int], ...] | None
+    #: inbound names; None: any inbound
+    inbounds: frozenset[str] | None
+
+
 # --- parsing values ---------------------------------------------------------------------------
 
 
@@ -597,6 +612,28 @@ class RuleSet:
     def match(self, host: str | None, ip: IPAddress | None, port: int, inbound: str = "") -> Match:
         """The first rule matching this destination, or the default policy."""
         return self._index.match(host, ip, port, inbound)
+
+    def views(self) -> tuple[RuleView, ...]:
+        """The rules in order, normalised, with their list files' current entries folded in
+        (for exporting them, e.g. as a PAC file)."""
+        out = []
+        for rule in self._rules:
+            entries = list(rule.entries)
+            for path, _kind in rule.lists:
+                listed = self._lists.get(path)
+                if listed is not None:
+                    entries.extend(listed.entries)
+            filt = rule.filter
+            out.append(
+                RuleView(
+                    policy=rule.policy,
+                    name=rule.name,
+                    entries=tuple(entries),
+                    ports=filt.ports if filt is not None else None,
+                    inbounds=filt.inbounds if filt is not None else None,
+                )
+            )
+        return tuple(out)
 
     def refresh(self) -> list[str]:
         """Re-read changed list files and swap in a new index.
