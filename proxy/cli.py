@@ -17,6 +17,14 @@ from proxy.config import load_config, render_config
 from proxy.errors import ConfigError
 from proxy.lab.cli import add_lab_parser
 from proxy.learncli import add_learned_parser, add_report_parser
+from proxy.sysproxy import (
+    SystemProxyError,
+    add_system_proxy_parser,
+    choose_backend,
+    target_from_config,
+    turn_off,
+    turn_on,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override [log] level",
     )
     run.add_argument("--json-logs", action="store_true", default=None, help="log JSON lines")
+    run.add_argument(
+        "--system-proxy",
+        choices=["proxy", "pac"],
+        help="point the system's proxy setting at sidestep while it runs (restored on exit)",
+    )
 
     cfg = sub.add_parser("config", help="check or show a config file")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
@@ -45,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
     add_learned_parser(sub)
     add_report_parser(sub)
+    add_system_proxy_parser(sub)
     return p
 
 
@@ -54,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
-        if args.command in ("learned", "report"):
+        if args.command in ("learned", "report", "system-proxy"):
             return int(args.handler(args))
         if args.command == "lab":
             from proxy.lab.cli import run_lab
@@ -92,11 +106,21 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     _raise_fd_limit()
     app = App(config, config_path=args.config)
+    backend = None
     try:
+        if args.system_proxy:
+            backend = choose_backend()
+            turn_on(target_from_config(config, pac=args.system_proxy == "pac"), backend)
         trio.run(app.run)
-    except StartupError as exc:
+    except (StartupError, SystemProxyError) as exc:
         print(f"sidestep: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if backend is not None:
+            try:
+                turn_off(backend)
+            except SystemProxyError as exc:
+                print(f"sidestep: restoring the system proxy: {exc}", file=sys.stderr)
     return 0
 
 
