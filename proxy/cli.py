@@ -17,6 +17,7 @@ from proxy.config import load_config, render_config
 from proxy.errors import ConfigError
 from proxy.lab.cli import add_lab_parser
 from proxy.learncli import add_learned_parser, add_report_parser
+from proxy.routerrules import add_router_rules_parser
 from proxy.sysproxy import (
     SystemProxyError,
     add_system_proxy_parser,
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     add_learned_parser(sub)
     add_report_parser(sub)
     add_system_proxy_parser(sub)
+    add_router_rules_parser(sub)
     return p
 
 
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
-        if args.command in ("learned", "report", "system-proxy"):
+        if args.command in ("learned", "report", "system-proxy", "router-rules"):
             return int(args.handler(args))
         if args.command == "lab":
             from proxy.lab.cli import run_lab

@@ -43,7 +43,7 @@ from proxy.routerconfig import (
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: the proxy languages an inbound can speak
-InboundProtocol = Literal["mixed", "socks5", "socks4", "http"]
+InboundProtocol = Literal["mixed", "socks5", "socks4", "http", "transparent"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 #: the ``source`` of errors in the configuration compiled into sidestep

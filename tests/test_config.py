@@ -307,7 +307,9 @@ def test_config_bad_enum_value_lists_allowed_values() -> None:
     )
     assert err.key == "inbound[0].protocol"
     assert err.line == 3
-    assert err.message == 'must be one of "mixed", "socks5", "socks4", "http"; got "socks6"'
+    assert err.message == (
+        'must be one of "mixed", "socks5", "socks4", "http", "transparent"; got "socks6"'
+    )
     err = error_for("[log]\nlevel = 3\n")
     assert '"debug", "info", "warning", "error"' in err.message
 

@@ -22,6 +22,7 @@ import trio
 from proxy.inbound.base import Handler, InboundContext
 from proxy.inbound.http import handle_http
 from proxy.inbound.socks import handle_socks4, handle_socks5
+from proxy.inbound.transparent import handle_transparent
 from proxy.net.stream import FastStream
 
 log = logging.getLogger("sidestep.inbound")
@@ -137,6 +138,10 @@ class InboundServer:
         self.active += 1
         stream = FastStream(sock)
         try:
+            if self.protocol == "transparent":
+                # redirected clients may wait for the server to speak: no first-byte gate
+                await handle_transparent(stream, peer, self.ctx)
+                return
             try:
                 # with TCP_DEFER_ACCEPT the first bytes are usually here already: no timer
                 first = os.read(sock.fileno(), 4096)

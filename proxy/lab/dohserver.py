@@ -261,6 +261,7 @@ class _Session:
         self.window_changed = trio.Event()
         self.received = 0  # requests started on this connection
         self.handled = 0  # requests finished: answered, reset or left hanging
+        self.started = 0  # answers begun (counted before the first await of each)
         self.goaway_last: int | None = None  # last stream id served before GOAWAY
         self.pending: set[int] = set()  # streams still to answer, up to goaway_last
         self.goaway_sent = False
@@ -350,6 +351,11 @@ class _Session:
                     reply = self.server._reply_to(method, req, self.client)
                     if faults.answer_delay:
                         await trio.sleep(faults.answer_delay)
+                    if faults.close_after is not None and self.started >= faults.close_after:
+                        # answers that woke together must not slip out before the close
+                        self.nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+                        return
+                    self.started += 1
                     if reply.status:
                         await self.send_reply(stream_id, reply)
             except h2.exceptions.StreamClosedError:
