@@ -1,4 +1,5 @@
-"""``python -m bench relay`` / ``socks --port 1080`` / ``rules`` / ``dnscache`` (see bench/README.md)."""
+"""``python -m bench relay`` / ``socks --port 1080`` / ``rules`` / ``dnscache`` / ``dnsserver`` /
+``ttfb`` (see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def main() -> None:
     dc.add_argument("--queries", type=int, default=20000)
     dc.add_argument("--seed", type=int, default=1)
     dc.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
+    ds = sub.add_parser("dnsserver", help="sidestep's DNS server vs dnsmasq, with dnsperf")
+    ds.add_argument("--names", type=int, default=1000)
+    ds.add_argument("--seconds", type=int, default=10, help="length of the cached-rate run")
+    ds.add_argument("--clients", type=int, default=4, help="dnsperf client sockets")
+    ds.add_argument("--latency-qps", type=int, default=2000, help="rate of the latency run")
+    ds.add_argument("--doh-delay", type=float, default=0.05, help="seconds the DoH server waits")
+    ds.add_argument("--doh-queries", type=int, default=200, help="uncached names asked via DoH")
+    tt = sub.add_parser("ttfb", help="time to first byte: SNI-reset site first/repeat visit")
+    tt.add_argument("--repeat", type=int, default=30, help="fetches per kind; medians printed")
+    bc = sub.add_parser("bridgecodec", help="bridge record seal+open vs raw ChaCha20-Poly1305")
+    bc.add_argument("--mib", type=int, default=256, help="MiB sealed and opened per pass")
+    bc.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -60,6 +73,18 @@ def main() -> None:
         from bench.dnscache import run_dnscache_bench
 
         run_dnscache_bench(args.names, args.queries, args.seed, args.repeat)
+    elif args.cmd == "dnsserver":
+        from bench.dnsserver import run_dnsserver_bench
+
+        run_dnsserver_bench(args)
+    elif args.cmd == "bridgecodec":
+        from bench.bridgecodec import run_bridgecodec_bench
+
+        run_bridgecodec_bench(args.mib, args.repeat)
+    elif args.cmd == "ttfb":
+        from bench.ttfb import run_ttfb_bench
+
+        run_ttfb_bench(args)
     elif args.cmd == "fallback":
         from bench.fallback import run_fallback_bench
 

@@ -8,12 +8,14 @@ be bound; established connections keep running on the objects they started with.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
 import os
 import signal
-import urllib.parse
+import time
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,23 +23,28 @@ from typing import Any
 
 import trio
 
-from proxy.config import Config, DnsConfig, InboundConfig, load_config
+from proxy.config import Config, DnsConfig, DnsServerConfig, InboundConfig, load_config
 from proxy.detect.evidence import EvidenceLog
 from proxy.errors import ConfigError, ProxyError
 from proxy.inbound.base import InboundSettings
+from proxy.inbound.dnsserver import DnsServerRunner, DnsSockets
 from proxy.inbound.listener import InboundServer, RawListener, open_listeners
 from proxy.learncli import EVIDENCE_FILE, LEARNED_FILE, default_state_dir
 from proxy.pac import PacScript, proxy_directive
+from proxy.resolve.auto import AutoResolver, build_auto
 from proxy.resolve.base import Resolver
-from proxy.resolve.chain import FallbackResolver
-from proxy.resolve.doh import DohResolver
-from proxy.resolve.dot import DotResolver
+from proxy.resolve.chain import ResolverChain, secure_chain
 from proxy.resolve.plain import PlainResolver
+from proxy.resolve.service import DnsService
 from proxy.resolve.system import SystemResolver
 from proxy.route.dispatcher import Dispatcher, DispatchSettings
 from proxy.route.learn import LearnedMemory
 from proxy.route.router import Router
 from proxy.route.site import network_id
+from proxy.status import ConnectionRegistry
+from proxy.strategies.base import Strategy
+from proxy.web.api import build_status
+from proxy.web.server import WebRunner, WebSources
 
 log = logging.getLogger("sidestep")
 
@@ -69,35 +76,28 @@ def dispatch_settings(config: Config) -> DispatchSettings:
     )
 
 
-def make_resolver(config: Config) -> tuple[Resolver, list[AbstractAsyncContextManager[Any]]]:
+def make_resolver(
+    config: Config,
+    *,
+    evidence: EvidenceLog | None = None,
+    strategies: Mapping[str, Strategy] | None = None,
+) -> tuple[Resolver, list[AbstractAsyncContextManager[Any]]]:
     """The resolver the ``[dns]`` section asks for, and the parts of it that must be entered
-    (secure resolvers own a connection task) before it is used."""
+    (secure resolvers own a connection task, the auto resolver its checker) before it is used.
+    ``evidence`` receives the auto resolver's findings; ``strategies`` are the router's, for
+    ``[dns] via``."""
     dns = config.dns
     if dns.resolver == "udp":
         return PlainResolver(dns.server_addresses, timeout=dns.timeout), []
     if dns.resolver == "secure":
-        parts: list[Any] = []
-        for ep in dns.endpoints:
-            url = urllib.parse.urlsplit(ep.url)
-            pins = ep.pin_sha256 or None
-            if url.scheme == "https":
-                parts.append(
-                    DohResolver(
-                        ep.url, ep.bootstrap, timeout=dns.timeout, cafile=ep.cafile, pin_sha256=pins
-                    )
-                )
-            else:
-                parts.append(
-                    DotResolver(
-                        url.hostname or "",
-                        ep.bootstrap,
-                        url.port or 853,
-                        timeout=dns.timeout,
-                        cafile=ep.cafile,
-                        pin_sha256=pins,
-                    )
-                )
-        return FallbackResolver(parts, [ep.url for ep in dns.endpoints]), parts
+        chain, managed = secure_chain(dns)
+        return chain, list(managed)
+    if dns.resolver == "auto":
+        profile = config.router.network or None
+        auto, parts = build_auto(
+            dns, strategies=strategies, evidence=evidence, network=lambda: network_id(profile)
+        )
+        return auto, parts
     return SystemResolver(timeout=dns.timeout), []
 
 
@@ -171,11 +171,21 @@ class App:
         self.config_path = config_path
         self.memory, self.evidence = open_state(config)
         self.network = network_id(config.router.network or None)
+        #: open tunnels and totals, shared by every dispatcher a reload builds (status page)
+        self.status = ConnectionRegistry()
+        self.started = time.time()
+        #: the status page's web port (``[web]``)
+        self.web = WebRunner()
         #: runs the listeners, state saving and the dispatchers' background control probes
         self._nursery: trio.Nursery | None = None
         self._resolver: Resolver | None = None
         self._dns: DnsConfig | None = None
+        #: what ``[[rule]] resolver`` may choose, built with the resolver
+        self._choices: dict[str, Resolver] = {}
         self._unopened: list[AbstractAsyncContextManager[Any]] = []
+        #: the DNS service (cache in front of the resolver) the dispatcher and DNS server share
+        self.dns_service: DnsService | None = None
+        self.dns_server = DnsServerRunner()
         self.dispatcher = self._dispatcher(config)
         self._running: dict[str, _Running] = {}
         #: servers removed by a reload whose clients may still be connected
@@ -188,18 +198,25 @@ class App:
 
     async def run(self) -> None:
         """Listen on every inbound until SIGINT/SIGTERM, then drain and return."""
-        fresh = await self._bind_new(self.config)  # a port in use fails here, before anything
+        # a port in use fails here, before anything
+        dns_sockets, fresh = await self._bind_all(self.config)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._open_resolvers()
                 self._swap(self.config, fresh, self.dispatcher, initial=True)
+                self._swap_dns(self.config, dns_sockets)
+                await self.web.apply(self.config.web, self._web_sources(), nursery)
                 self.ready.set()
+                dns_at = self.dns_server.address
                 log.info(
                     "sidestep listening: %s",
                     ", ".join(
-                        f"{r.server.name}={r.listen} ({r.server.protocol})"
-                        for r in self._running.values()
+                        [
+                            f"{r.server.name}={r.listen} ({r.server.protocol})"
+                            for r in self._running.values()
+                        ]
+                        + ([f"dns={dns_at[0]}:{dns_at[1]} (udp+tcp)"] if dns_at else [])
                     ),
                 )
                 nursery.start_soon(self._watch_signals, signals)
@@ -217,11 +234,42 @@ class App:
             network=self.network,
             base_dir=base_dir,
         )
-        if self._resolver is None or config.dns != self._dns:
-            self._resolver, managed = make_resolver(config)
-            self._dns = config.dns
+        # [dns.server] changes alone keep the resolver and its cache
+        dns = dataclasses.replace(config.dns, server=DnsServerConfig())
+        if self._resolver is None or dns != self._dns:
+            upstream, managed = make_resolver(
+                config, evidence=self.evidence, strategies=router.strategies
+            )
+            self.dns_service = DnsService.from_config(config.dns, upstream)  # type: ignore[arg-type]
+            cache = self.dns_service.cache
+            if isinstance(upstream, AutoResolver) and cache is not None:
+                # answers cached before plain DNS was caught lying must not outlive the switch
+                upstream.on_switch.append(lambda: cache.purge(float("inf")))
+            self._resolver = self.dns_service
+            self._dns = dns
             self._unopened.extend(managed)
-        return Dispatcher(dispatch_settings(config), self._resolver, router, probes=self._nursery)
+            self._unopened.append(self.dns_service)  # after its upstream: runs the prefetch
+            self._choices = self._rule_resolvers(config, upstream)
+        dispatcher = Dispatcher(
+            dispatch_settings(config), self._resolver, router, probes=self._nursery
+        )
+        dispatcher.resolvers = dict(self._choices)
+        dispatcher.status = self.status
+        return dispatcher
+
+    def _rule_resolvers(self, config: Config, upstream: Resolver) -> dict[str, Resolver]:
+        """The resolvers ``[[rule]] resolver`` can name: "system", and "secure" when there are
+        endpoints (the main secure chain when there is one, sharing its health)."""
+        choices: dict[str, Resolver] = {"system": SystemResolver(timeout=config.dns.timeout)}
+        if isinstance(upstream, AutoResolver):
+            choices["secure"] = upstream.chain
+        elif isinstance(upstream, ResolverChain):
+            choices["secure"] = upstream
+        elif config.dns.endpoints:
+            chain, managed = secure_chain(config.dns)
+            self._unopened.extend(managed)
+            choices["secure"] = chain
+        return choices
 
     async def _open_resolvers(self) -> None:
         """Enter the secure resolvers built for the current config (each in its own task).
@@ -262,6 +310,8 @@ class App:
                 self.stop()
 
     async def _drain(self) -> None:
+        self.dns_server.stop_accepting()
+        self.web.stop_accepting()
         for running in self._running.values():
             running.server.stop_accepting()
         timeout = self.config.shutdown.drain_timeout
@@ -275,8 +325,10 @@ class App:
 
     def open_connections(self) -> int:
         self._retired = [server for server in self._retired if server.active]
-        return sum(r.server.active for r in self._running.values()) + sum(
-            server.active for server in self._retired
+        return (
+            sum(r.server.active for r in self._running.values())
+            + sum(server.active for server in self._retired)
+            + self.dns_server.active
         )
 
     async def reload(self) -> bool:
@@ -309,8 +361,31 @@ class App:
         dispatcher = self.dispatcher if initial else self._dispatcher(config)
         if not initial:
             await self._open_resolvers()
-        fresh = await self._bind_new(config)
+        dns_sockets, fresh = await self._bind_all(config)
         self._swap(config, fresh, dispatcher, initial=initial)
+        self._swap_dns(config, dns_sockets)
+        assert self._nursery is not None
+        await self.web.apply(config.web, self._web_sources(), self._nursery)
+
+    async def _bind_all(
+        self, config: Config
+    ) -> tuple[DnsSockets | None, dict[str, list[RawListener]]]:
+        """Bind the DNS server's and every inbound's new addresses; all or nothing."""
+        listen = config.dns.server.listen
+        try:
+            dns_sockets = self.dns_server.bind(config.dns.server)
+        except OSError as exc:
+            raise StartupError(f"DNS server: cannot listen on {listen}: {_why(exc)}") from None
+        try:
+            return dns_sockets, await self._bind_new(config)
+        except BaseException:
+            if dns_sockets is not None:
+                dns_sockets.close()
+            raise
+
+    def _swap_dns(self, config: Config, sockets: DnsSockets | None) -> None:
+        assert self._nursery is not None and self.dns_service is not None
+        self.dns_server.apply(config.dns.server, self.dns_service, sockets, self._nursery)
 
     async def _bind_new(self, config: Config) -> dict[str, list[RawListener]]:
         """Bind every address the config names that is not bound yet; all or nothing."""
@@ -370,6 +445,42 @@ class App:
         """The actual bound address of each inbound (port 0 in the config gets a real one)."""
         return {r.server.name: r.server.bound for r in self._running.values()}
 
+    # -- the status page ---------------------------------------------------------------------
+
+    def _web_sources(self) -> WebSources:
+        return WebSources(status=self.status_document, pac=self.pac_for)
+
+    def status_document(self) -> dict[str, Any]:
+        """What ``/``, ``/api/status`` and ``/metrics`` show (:mod:`proxy.web.api`)."""
+        return build_status(
+            connections=self.status,
+            memory=self.memory,
+            network=self.network,
+            dns_config=self.config.dns,
+            dns_service=self.dns_service,
+            evidence_path=self.evidence.path if self.evidence is not None else None,
+            started=self.started,
+            now=time.time(),
+            clock_now=trio.current_time(),
+        )
+
+    def pac_for(self, host: str) -> bytes | None:
+        """The PAC script naming the first inbound a browser can use, for a client that
+        reached the web port at ``host`` (used when the inbound listens on every address)."""
+        for inb in self.config.inbound:
+            running = self._running.get(inb.listen)
+            if inb.protocol == "transparent" or running is None:
+                continue
+            pac = inbound_settings(inb, self.dispatcher.router).pac
+            if pac is None:
+                return None
+            bound_host, port = running.server.bound
+            if ipaddress.ip_address(bound_host.split("%", 1)[0]).is_unspecified:
+                bound_host = host
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            return pac(f"{shown}:{port}")
+        return None
+
 
 async def _serve_in_scope(
     server: InboundServer,
@@ -385,9 +496,15 @@ async def _bind(inb: InboundConfig) -> list[RawListener]:
     try:
         return await open_listeners(host, port)
     except OSError as exc:
-        why = {
-            errno.EADDRINUSE: "the address is already in use (another sidestep or proxy?)",
-            errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-            errno.EADDRNOTAVAIL: "this machine has no such address",
-        }.get(exc.errno or 0, os.strerror(exc.errno or 0) if exc.errno else str(exc))
-        raise StartupError(f"inbound {inb.name!r}: cannot listen on {inb.listen}: {why}") from None
+        raise StartupError(
+            f"inbound {inb.name!r}: cannot listen on {inb.listen}: {_why(exc)}"
+        ) from None
+
+
+def _why(exc: OSError) -> str:
+    """Why a listening socket could not be bound, in words."""
+    return {
+        errno.EADDRINUSE: "the address is already in use (another sidestep or proxy?)",
+        errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }.get(exc.errno or 0, os.strerror(exc.errno or 0) if exc.errno else str(exc))

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import trio
 
 from proxy import __version__
+from proxy.bridge.keygen import add_keygen_parser, run_keygen
 from proxy.config import load_config, render_config
+from proxy.detect.dnsprobe_cli import add_probe_parser
 from proxy.errors import ConfigError
 from proxy.lab.cli import add_lab_parser
 from proxy.learncli import add_learned_parser, add_report_parser
@@ -61,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_system_proxy_parser(sub)
     add_router_rules_parser(sub)
+    add_keygen_parser(sub)
+    add_probe_parser(sub)
     return p
 
 
@@ -70,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
-        if args.command in ("learned", "report", "system-proxy", "router-rules"):
+        if args.command in ("learned", "report", "probe", "system-proxy", "router-rules"):
             return int(args.handler(args))
+        if args.command == "keygen":
+            return run_keygen(args)
         if args.command == "lab":
             from proxy.lab.cli import run_lab
 

@@ -97,6 +97,17 @@ def _check_dns_server(value: str) -> None:
     parse_dns_server(value)
 
 
+def _check_optional_dns_server(value: str) -> None:
+    if value:
+        parse_dns_server(value)
+
+
+def _check_dns_name(value: str) -> None:
+    labels = value.rstrip(".").split(".")
+    if not value or any(not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", label) for label in labels):
+        raise ValueError(f'{value!r} is not a DNS name; write one like "example.com"')
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split ``"127.0.0.1:1080"``, ``"[::1]:1080"`` or ``"localhost:1080"`` into host and port.
 
@@ -296,24 +307,118 @@ class DnsEndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsServerConfig:
+    """sidestep's own DNS server, for devices and programs that do not use the proxy for names."""
+
+    #: answer DNS queries (UDP and TCP) on `listen`
+    enabled: bool = False
+    #: "host:port" to listen on, UDP and TCP alike
+    listen: str = option("127.0.0.1:5353", check=_check_listen)
+    #: client networks answered; empty means loopback only. Required off loopback
+    allow: tuple[str, ...] = option((), each=_check_network)
+    #: queries per second one client address may send (0: no limit); the rest are dropped
+    rate_limit: int = option(100, check=between(0, 1_000_000))
+    #: queries a client may send at once above the rate before the limit applies
+    burst: int = option(200, check=between(1, 1_000_000))
+    #: seconds an idle DNS-over-TCP connection is kept open
+    tcp_idle_timeout: float = option(10.0, check=positive)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``listen`` split into host and port."""
+        return parse_listen(self.listen)
+
+    @property
+    def effective_allow(self) -> tuple[IPNetwork, ...]:
+        """The client networks actually answered: ``allow``, or loopback when it is empty."""
+        if self.allow:
+            return tuple(ipaddress.ip_network(a, strict=False) for a in self.allow)
+        return LOOPBACK_NETWORKS
+
+    def validate(self) -> None:
+        host = self.address[0]
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        if self.enabled and not self.allow and not loopback:
+            raise ConfigError(
+                f"a DNS server on {host} can be reached by other machines, so it needs an allow "
+                'list of the client networks it serves, e.g. allow = ["192.168.0.0/16"]; '
+                "without one anybody could use it (an open resolver, abused for floods)",
+                key="listen",
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     """Turning destination names into addresses."""
 
     #: "system" asks the operating system's resolver; "udp" asks `servers` directly over
     #: plain DNS (UDP, TCP when the answer is truncated); "secure" asks `endpoints` (DNS over
-    #: HTTPS or TLS) in order, and no plaintext query leaves
-    resolver: Literal["system", "udp", "secure"] = "system"
+    #: HTTPS or TLS) in order, and no plaintext query leaves; "auto" starts like "system"
+    #: (or "udp" when `servers` are given), checks for tampering, and switches to `endpoints`
+    resolver: Literal["system", "udp", "secure", "auto"] = "system"
     #: "ip" or "ip:port" of plain DNS servers, tried in order (for resolver = "udp")
     servers: tuple[str, ...] = option((), each=_check_dns_server)
     #: secure endpoints for resolver = "secure", tried in order
     endpoints: tuple[DnsEndpointConfig, ...] = ()
+    #: how secure endpoints are asked: "race" starts the next one every `stagger` seconds
+    #: while earlier ones are pending; "fallback" asks one after another
+    order: Literal["race", "fallback"] = "race"
+    #: seconds between race starts
+    stagger: float = option(0.3, check=non_negative)
+    #: names whose plain and secure answers are compared by the tampering checks
+    canaries: tuple[str, ...] = option((), each=_check_dns_name)
+    #: random names under this suffix must not resolve (NXDOMAIN hijack check)
+    nxdomain_suffix: str = option("com", check=_check_dns_name)
+    #: "ip" or "ip:port" where no DNS server listens: an answer from there was injected on the
+    #: path; "" turns the injection check off
+    silent_server: str = option("192.0.2.53", check=_check_optional_dns_server)
+    #: answers in these networks are not taken for lies (your LAN's own names)
+    local_networks: tuple[str, ...] = option((), each=_check_network)
+    #: addresses of block pages, on top of the known ones
+    blockpage_ips: tuple[str, ...] = option((), each=_check_dns_server_ip)
+    #: CA bundle used to check a site's certificate when two answers disagree; "": the system's
+    check_cafile: str | None = option(None, check=not_empty)
+    #: port the certificate check connects to
+    check_port: int = option(443, check=between(1, 65535))
+    #: seconds between tampering checks in "auto" mode (also re-run when the network changes)
+    check_interval: float = option(3600.0, check=positive)
+    #: in secure mode, also send each name to the plain resolver and ignore the answer, for
+    #: networks that block connections to addresses never looked up in plaintext (Iran)
+    decoy: bool = False
+    #: strategies (socks5/http/tor) that carry DNS-over-HTTPS when every endpoint is blocked
+    via: tuple[str, ...] = ()
     #: seconds to wait for an answer
     timeout: float = option(5.0, check=positive)
+    #: answers kept in memory (0 turns the cache off)
+    cache_size: int = option(10000, check=between(0, 10_000_000))
+    #: seconds every answer is kept at least, whatever its TTL says (0: honour the TTL)
+    min_ttl: int = option(0, check=between(0, 86400))
+    #: seconds any answer is kept at most
+    max_ttl: int = option(86400, check=between(0, 604800))
+    #: seconds a negative answer (no such name, no such record) is kept at most
+    negative_ttl: int = option(300, check=between(0, 86400))
+    #: seconds an expired answer is still given out when every upstream fails (0: never)
+    serve_stale: int = option(86400, check=between(0, 604800))
+    #: ask again for popular names shortly before their answers expire
+    prefetch: bool = True
+    #: the local DNS server
+    server: DnsServerConfig = field(default_factory=DnsServerConfig)
 
     def validate(self) -> None:
+        if self.min_ttl > self.max_ttl:
+            raise ConfigError(
+                f"min_ttl ({self.min_ttl}) is larger than max_ttl ({self.max_ttl}); "
+                "min_ttl must be at most max_ttl",
+                key="min_ttl",
+            )
         if self.resolver == "secure" and not self.endpoints:
             raise ConfigError(
                 'resolver = "secure" needs at least one [[dns.endpoints]] with url and bootstrap',
+                key="endpoints",
+            )
+        if self.resolver == "auto" and not self.endpoints:
+            raise ConfigError(
+                'resolver = "auto" needs at least one [[dns.endpoints]] to switch to',
                 key="endpoints",
             )
         if self.resolver == "udp" and not self.servers:
@@ -347,6 +452,43 @@ class ShutdownConfig:
     drain_timeout: float = option(10.0, check=non_negative)
 
 
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The status page, ``/metrics``, ``/api/status`` and ``/proxy.pac`` on one web port."""
+
+    #: serve them at all
+    enabled: bool = True
+    #: "host:port" of the web port
+    listen: str = option("127.0.0.1:9099", check=_check_listen)
+    #: client networks served; empty means loopback only. Required off loopback
+    allow: tuple[str, ...] = option((), each=_check_network)
+    #: seconds a client gets to send a request, and to take the answer
+    timeout: float = option(10.0, check=positive)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``listen`` split into host and port."""
+        return parse_listen(self.listen)
+
+    @property
+    def effective_allow(self) -> tuple[IPNetwork, ...]:
+        """The client networks actually served: ``allow``, or loopback when it is empty."""
+        if self.allow:
+            return tuple(ipaddress.ip_network(a, strict=False) for a in self.allow)
+        return LOOPBACK_NETWORKS
+
+    def validate(self) -> None:
+        host = self.address[0]
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        if self.enabled and not self.allow and not loopback:
+            raise ConfigError(
+                f"a status page on {host} can be reached by other machines, so it needs an "
+                'allow list of the client networks it serves, e.g. allow = ["192.168.0.0/16"]; '
+                "the page lists the sites being visited",
+                key="listen",
+            )
+
+
 def _default_inbounds() -> tuple[InboundConfig, ...]:
     return (InboundConfig(name="mixed"),)
 
@@ -362,6 +504,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     strategy: tuple[StrategyConfig, ...] = ()
     policy: tuple[PolicyConfig, ...] = ()
     rule: tuple[RuleConfig, ...] = ()
@@ -369,6 +512,21 @@ class Config:
 
     def validate(self) -> None:
         check_routing(self.strategy, self.policy, self.rule, self.router)
+        for i, rule in enumerate(self.rule):
+            if rule.resolver == "secure" and not self.dns.endpoints:
+                raise ConfigError(
+                    'resolver = "secure" needs at least one [[dns.endpoints]] to ask',
+                    key=f"rule[{i}].resolver",
+                )
+        carriers = {s.name for s in self.strategy if s.type != "direct"}
+        for i, name in enumerate(self.dns.via):
+            if name not in carriers:
+                known = ", ".join(sorted(carriers)) or "none are configured"
+                raise ConfigError(
+                    f"dns.via names {name!r}, which is not a socks5, http or tor strategy "
+                    f"(those can carry DNS over HTTPS; known: {known})",
+                    key=f"dns.via[{i}]",
+                )
         if not self.inbound:
             raise ConfigError(
                 "at least one [[inbound]] is needed, or sidestep would listen nowhere",

@@ -1,23 +1,29 @@
 """The router's config sections: ``[[strategy]]``, ``[[policy]]``, ``[[rule]]``, ``[router]``.
 
-A *strategy* is one named way out (``direct``, an upstream ``socks5``/``http`` proxy, ``tor``).
+A *strategy* is one named way out (``direct``, an upstream ``socks5``/``http`` proxy, ``tor``,
+or a ``fragment``/``disorder``/``oob`` re-framing of the client's first flight).
 A *policy* is an ordered list of strategies and how to try them. A *rule* sends matching
 connections to a policy; the first matching rule wins and ``[router] default_policy`` takes the
 rest. A strategy named ``direct`` and a policy named ``direct`` (just that strategy) always
-exist, so the smallest config needs none of these sections.
+exist, so the smallest config needs none of these sections; so do the fragment strategies of
+:data:`BUILTIN_STRATEGIES` and the policy ``fragment`` that tries them after ``direct``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.configschema import non_negative, not_empty, option, positive
+from proxy.configschema import between, non_negative, not_empty, option, positive
 from proxy.errors import ConfigError
+from proxy.protocols.splits import SplitPoint
 
-StrategyType = Literal["direct", "socks5", "http", "tor"]
+StrategyType = Literal["direct", "socks5", "http", "tor", "fragment", "disorder", "oob"]
+#: the strategy types that re-frame the client's first flight
+FRAGMENT_TYPES = ("fragment", "disorder", "oob")
 
 
 def _check_server(text: str) -> None:
@@ -54,6 +60,11 @@ def _check_control(text: str) -> None:
         raise ValueError(f"{port!r} is not a port; use a number from 1 to 65535")
 
 
+def _factor(value: float) -> None:
+    if value != 0 and value <= 1:
+        raise ValueError(f"{value!r} must be 0 (off) or above 1, such as 8")
+
+
 def _check_cidr(text: str) -> None:
     try:
         ipaddress.ip_network(text, strict=False)
@@ -77,6 +88,25 @@ def _check_port(text: str) -> None:
         raise ValueError(f"{text!r}: the range is backwards")
 
 
+def _check_split(text: str) -> None:
+    SplitPoint.parse(text)  # its ValueError says what is allowed
+
+
+def _check_delay(value: float) -> None:
+    if not 0 <= value <= 2:
+        raise ValueError(f"must be from 0 to 2 seconds, got {value!r}")
+
+
+def _check_host_header(text: str) -> None:
+    if text.lower() != "host":
+        raise ValueError(f'{text!r} is not "host" in some letter case, like "hOsT"')
+
+
+def _check_host_space(text: str) -> None:
+    if text.strip(" \t") or len(text) > 8:
+        raise ValueError(f"{text!r} may only be up to 8 spaces or tabs (or empty)")
+
+
 def split_server(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
@@ -95,14 +125,61 @@ class StrategyConfig:
     password: str | None = option(None, check=not_empty, secret=True)
     #: let the upstream resolve names (no local DNS query for the target); tor always does
     remote_dns: bool = True
+    #: fragment/disorder/oob: where to cut the first flight ("sni-middle", "start+2", ...)
+    split: tuple[str, ...] = option((), each=_check_split)
+    #: fragment: cut the TLS ClientHello into several TLS records at the split points
+    records: bool = False
+    #: fragment: send the pieces as separate TCP segments
+    segments: bool = True
+    #: seconds to wait between pieces
+    delay: float = option(0.0, check=_check_delay)
+    #: disorder: the TTL (IPv6 hop limit) of the first piece, low enough to die on the way
+    ttl: int = option(1, check=between(1, 255))
+    #: plain HTTP: spell the Host header name like this ("hOsT")
+    host_header: str | None = option(None, check=_check_host_header)
+    #: plain HTTP: put exactly these spaces/tabs between "Host:" and the name
+    host_space: str | None = option(None, check=_check_host_space)
 
     def validate(self) -> None:
+        self._validate_fragment()
         if self.type in ("socks5", "http") and self.server is None:
             raise ConfigError(f'a {self.type} strategy needs server = "ip:port"', key="server")
         if self.type == "direct" and self.server is not None:
             raise ConfigError("a direct strategy has no server", key="server")
         if (self.username is None) != (self.password is None):
             raise ConfigError("give both username and password, or neither", key="username")
+
+    def _validate_fragment(self) -> None:
+        if self.type not in FRAGMENT_TYPES:
+            for key, unset in (
+                ("split", not self.split),
+                ("records", not self.records),
+                ("delay", self.delay == 0),
+                ("ttl", self.ttl == 1),
+                ("host_header", self.host_header is None),
+                ("host_space", self.host_space is None),
+            ):
+                if not unset:
+                    raise ConfigError(
+                        f"only fragment, disorder and oob strategies take {key}", key=key
+                    )
+            return
+        if not self.split:
+            raise ConfigError(
+                f'a {self.type} strategy needs split = [...], like ["sni-middle"]', key="split"
+            )
+        if self.server is not None:
+            raise ConfigError(f"a {self.type} strategy connects directly: no server", key="server")
+        if self.username is not None:
+            raise ConfigError(f"a {self.type} strategy has no login", key="username")
+        if self.type != "fragment" and not self.segments:
+            raise ConfigError(f"a {self.type} strategy always sends segments", key="segments")
+        if self.type != "disorder" and self.ttl != 1:
+            raise ConfigError("only disorder strategies take ttl", key="ttl")
+        if not (self.records or self.segments):
+            raise ConfigError("with records = false, segments must be true", key="segments")
+        if self.type != "fragment" and not sys.platform.startswith("linux"):
+            raise ConfigError(f"{self.type} strategies need Linux", key="type")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +226,9 @@ class RuleConfig:
     #: files with one domain (suffix match) or CIDR per line; "#" starts a comment
     domain_list: tuple[str, ...] = ()
     ip_list: tuple[str, ...] = ()
+    #: who looks up names for matching connections: "default" (the [dns] resolver), "secure"
+    #: (only the [dns] endpoints, never plain DNS) or "system" (the operating system's)
+    resolver: Literal["default", "secure", "system"] = "default"
 
     def validate(self) -> None:
         if not any(
@@ -192,6 +272,58 @@ class RouterConfig:
     control: tuple[str, ...] = option((), each=_check_control)
     #: seconds a control probe may take
     control_timeout: float = option(5.0, check=positive)
+    #: the freeze window: a TLS connection whose server data stops, mid-record, after this
+    #: many bytes and no more than freeze_max_bytes is judged frozen
+    freeze_min_bytes: int = option(14 * 1024, check=positive)
+    freeze_max_bytes: int = option(22 * 1024, check=positive)
+    #: seconds the server's data must have stopped inside the window; 0 turns it off
+    freeze_stall: float = option(3.0, check=non_negative)
+    #: a transfer this many times slower than what this network achieved for other sites is
+    #: judged throttled; 0 turns it off
+    throttle_factor: float = option(8.0, check=_factor)
+
+    def validate(self) -> None:
+        if self.freeze_min_bytes > self.freeze_max_bytes:
+            raise ConfigError(
+                f"must not be above freeze_max_bytes ({self.freeze_max_bytes})",
+                key="freeze_min_bytes",
+            )
+
+
+def _builtin_strategies() -> tuple[StrategyConfig, ...]:
+    tricks = (
+        # one write, legal TLS (RFC 8446 5.1): the server name is no longer inside the first
+        # record, which is all that first-record inspection (TSPU) looks at
+        StrategyConfig("tls-record-split", "fragment", split=("sni-middle",), records=True,
+                       segments=False),
+        # separate TCP segments, cut in the first record header and inside the name (or the
+        # request line and the Host value): per-segment inspection never sees a whole name
+        StrategyConfig("tcp-segment-split", "fragment",
+                       split=("start+2", "sni-middle", "host-middle")),
+        StrategyConfig("tls-record-and-segment", "fragment", split=("start+2", "sni-middle"),
+                       records=True),
+        # plain HTTP only: the request line, then the Host line cut in its value, the field
+        # name in mixed case and a tab after the colon (all legal HTTP)
+        StrategyConfig("http-host-mix", "fragment", split=("host-line", "host-middle"),
+                       host_header="hOsT", host_space="\t"),
+    )  # fmt: skip
+    if not sys.platform.startswith("linux"):
+        return tricks
+    linux = (
+        StrategyConfig("oob", "oob", split=("sni-middle", "host-middle")),
+        # costs a retransmission (a few hundred ms): last
+        StrategyConfig("disorder", "disorder", split=("start+1",)),
+    )
+    return tricks + linux
+
+
+#: strategies every config has without writing them, in the order the built-in policy tries them
+BUILTIN_STRATEGIES: tuple[StrategyConfig, ...] = _builtin_strategies()
+#: policies every config has: "fragment" tries a plain connection, then the tricks, cheapest and
+#: least likely to upset a server first
+BUILTIN_POLICIES: tuple[PolicyConfig, ...] = (
+    PolicyConfig("fragment", ("direct", *(s.name for s in BUILTIN_STRATEGIES))),
+)
 
 
 def check_routing(
@@ -201,15 +333,27 @@ def check_routing(
     router: RouterConfig,
 ) -> None:
     """Cross-references: names unique, policies name known strategies, rules known policies."""
-    strategy_names = {"direct"}
+    builtin = {s.name for s in BUILTIN_STRATEGIES}
+    strategy_names = {"direct", *builtin}
     for i, s in enumerate(strategies):
+        if s.name in builtin:
+            raise ConfigError(
+                f"{s.name!r} is a built-in strategy; give yours another name",
+                key=f"strategy[{i}].name",
+            )
         if s.name in strategy_names and s.name != "direct":
             raise ConfigError(f"strategy {s.name!r} is defined twice", key=f"strategy[{i}].name")
         if s.name == "direct" and s.type != "direct":
             raise ConfigError("the name 'direct' is reserved", key=f"strategy[{i}].name")
         strategy_names.add(s.name)
-    policy_names = {"direct"}
+    builtin_policies = {p.name for p in BUILTIN_POLICIES}
+    policy_names = {"direct", *builtin_policies}
     for i, p in enumerate(policies):
+        if p.name in builtin_policies:
+            raise ConfigError(
+                f"{p.name!r} is a built-in policy; give yours another name",
+                key=f"policy[{i}].name",
+            )
         if p.name in policy_names and p.name != "direct":
             raise ConfigError(f"policy {p.name!r} is defined twice", key=f"policy[{i}].name")
         policy_names.add(p.name)

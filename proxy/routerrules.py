@@ -6,8 +6,9 @@ the router is touched. What the table does, for traffic arriving on the LAN inte
 
 * TCP to the redirected ports (80 and 443 by default) goes to the ``transparent`` inbound,
   except traffic to private, loopback and link-local addresses (the LAN itself);
-* DNS (UDP and TCP port 53) goes to sidestep's DNS server when the config runs one
-  (``[dns.server]``), so devices that ignore the router's DHCP-announced resolver are covered;
+* DNS (UDP and TCP port 53) goes to sidestep's DNS server when the config runs one on a LAN
+  address (``[dns.server]``), so devices that ignore the router's DHCP-announced resolver are
+  covered too;
 * optionally, QUIC (UDP to port 443) is rejected so browsers fall back to TCP at once, where
   sidestep can help; censors that block QUIC make browsers wait for it otherwise.
 
@@ -107,9 +108,11 @@ def rules_from_config(
         )
     _, proxy_port = parse_listen(transparent[0].listen)
     dns_port = None
-    server = getattr(config.dns, "server", None)
-    if server is not None and getattr(server, "enabled", False):
-        _, dns_port = parse_listen(server.listen)
+    server = config.dns.server
+    host, port = parse_listen(server.listen)
+    # a redirect arrives on the LAN address: a DNS server on loopback only would never see it
+    if server.enabled and host not in ("127.0.0.1", "::1", "localhost"):
+        dns_port = port
     if not lan or not all(
         name and name.replace("-", "").replace(".", "").isalnum() for name in lan
     ):

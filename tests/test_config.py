@@ -38,7 +38,8 @@ from proxy.configschema import KeyLocator, from_toml, option, positive, to_toml
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "configs").glob("*.toml"))
+# bridge.toml is the bridge server's config (proxy/bridge/config.py, tests/bridge/), not the proxy's
+EXAMPLES = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.name != "bridge.toml")
 
 
 def toml(text: str) -> str:
@@ -334,6 +335,76 @@ def test_config_out_of_range_values_refused(section: str, line: str) -> None:
     assert err.key == f"{section}.{line.split(' = ')[0]}"
     assert err.line == 2
     assert "must be" in err.message
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "allowed"),
+    [
+        ("dns", "cache_size = -1", "between 0 and 10000000"),
+        ("dns", "min_ttl = -1", "between 0 and 86400"),
+        ("dns", "max_ttl = 604801", "between 0 and 604800"),
+        ("dns", "negative_ttl = 86401", "between 0 and 86400"),
+        ("dns", "serve_stale = -5", "between 0 and 604800"),
+        ("dns", "prefetch = 1", "expected true or false"),
+        ("dns.server", "rate_limit = -1", "between 0 and 1000000"),
+        ("dns.server", "burst = 0", "between 1 and 1000000"),
+        ("dns.server", "tcp_idle_timeout = 0", "must be"),
+        ("dns.server", 'listen = "example.org:53"', "not an IP address"),
+        ("dns.server", 'allow = ["192.168.1"]', "not an IP address or network"),
+    ],
+)
+def test_config_dns_cache_and_server_bad_values(section: str, line: str, allowed: str) -> None:
+    err = error_for(f"[{section}]\n{line}\n")
+    assert err.key is not None and err.key.startswith(f"{section}.{line.split(' = ')[0]}")
+    assert err.line == 2
+    assert allowed in err.message
+
+
+def test_config_dns_server_rules() -> None:
+    err = error_for('[dns.server]\nenabled = true\nlisten = "0.0.0.0:53"\n')
+    assert (err.key, err.line) == ("dns.server.listen", 3)
+    assert "allow" in err.message and "open resolver" in err.message
+    err = error_for("[dns]\nmin_ttl = 600\nmax_ttl = 60\n")
+    assert err.key == "dns.min_ttl" and err.line == 2 and "at most max_ttl" in err.message
+    config = parse_config(
+        '[dns.server]\nenabled = true\nlisten = "[::]:53"\nallow = ["fd00::/8"]\n', "t"
+    )
+    assert config.dns.server.effective_allow == (ipaddress.ip_network("fd00::/8"),)
+    assert DnsConfig().server.effective_allow == LOOPBACK_NETWORKS
+    assert not DnsConfig().server.enabled  # off on the laptop default ...
+    lan = load_config(ROOT / "configs" / "lan.toml").dns.server
+    assert lan.enabled and lan.address == ("0.0.0.0", 53) and lan.allow  # ... on for a LAN
+
+
+@pytest.mark.parametrize(
+    ("line", "allowed"),
+    [
+        ("enabled = 1", "expected true or false"),
+        ('listen = "status.local:9099"', "not an IP address"),
+        ('listen = "127.0.0.1:70000"', "65535"),
+        ('allow = ["10.0.0.300/8"]', "not an IP address or network"),
+        ("timeout = 0", "must be"),
+    ],
+)
+def test_config_web_bad_values(line: str, allowed: str) -> None:
+    err = error_for(f"[web]\n{line}\n")
+    assert err.key is not None and err.key.startswith(f"web.{line.split(' = ')[0]}")
+    assert err.line == 2
+    assert allowed in err.message
+
+
+def test_config_web_off_loopback_needs_allow() -> None:
+    err = error_for('[web]\nlisten = "0.0.0.0:9099"\n')
+    assert (err.key, err.line) == ("web.listen", 2)
+    assert "allow" in err.message
+    config = parse_config('[web]\nlisten = "[::]:9099"\nallow = ["fd00::/8"]\n', "t")
+    assert config.web.effective_allow == (ipaddress.ip_network("fd00::/8"),)
+    # switched off, it needs nothing
+    assert not parse_config('[web]\nenabled = false\nlisten = "0.0.0.0:9099"\n', "t").web.enabled
+    default = load_config(None).web
+    assert default.enabled and default.address == ("127.0.0.1", 9099)
+    assert default.effective_allow == LOOPBACK_NETWORKS
+    assert load_config(ROOT / "configs" / "lan.toml").web.address[0] == "127.0.0.1"
 
 
 def test_config_range_limits_are_inclusive() -> None:
@@ -804,3 +875,67 @@ def test_configschema_huge_integer_for_a_number() -> None:
     err = error_for("[relay]\nidle_timeout = 1" + "0" * 400 + "\n")
     assert (err.key, err.line) == ("relay.idle_timeout", 2)
     assert "too large" in err.message
+
+
+# --- [dns]: the chain and the tampering checks -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('order = "random"', "dns.order", '"race", "fallback"'),
+        ("stagger = -0.5", "dns.stagger", "at least 0"),
+        ('canaries = ["ok.org", "bad..name"]', "dns.canaries[1]", "not a DNS name"),
+        ('canaries = ["white space.org"]', "dns.canaries[0]", "not a DNS name"),
+        ('nxdomain_suffix = ""', "dns.nxdomain_suffix", "not a DNS name"),
+        ('silent_server = "resolver.example"', "dns.silent_server", "not an IP address"),
+        ('silent_server = "192.0.2.53:99999"', "dns.silent_server", "not a port"),
+        ('local_networks = ["192.168.0.0/33"]', "dns.local_networks[0]", "not an IP address or"),
+        ('blockpage_ips = ["blockpage.example"]', "dns.blockpage_ips[0]", "not an IP address"),
+        ('check_cafile = ""', "dns.check_cafile", "must"),
+        ("check_port = 0", "dns.check_port", "between 1 and 65535"),
+        ("check_port = 70000", "dns.check_port", "between 1 and 65535"),
+        ("check_interval = 0", "dns.check_interval", "greater than 0"),
+        ('decoy = "yes"', "dns.decoy", "true or false"),
+        ('via = ["no-such-strategy"]', "dns.via[0]", "not a socks5, http or tor strategy"),
+    ],
+)
+def test_config_dns_check_keys_refuse_bad_values(line: str, key: str, says: str) -> None:
+    err = error_for(f"[dns]\n{line}\n")
+    assert err.key == key
+    assert err.line == 2
+    assert says in err.message
+
+
+def test_config_dns_auto_needs_endpoints_and_via_needs_a_carrier() -> None:
+    err = error_for('[dns]\nresolver = "auto"\n')
+    assert err.key == "dns.endpoints" and "auto" in err.message
+    err = error_for(
+        """
+        [[strategy]]
+        name = "plain"
+        type = "direct"
+        [dns]
+        via = ["plain"]
+        """
+    )
+    assert err.key == "dns.via[0]" and "known: none are configured" in err.message
+    config = parse_config(
+        toml(
+            """
+            [[strategy]]
+            name = "vps"
+            type = "socks5"
+            server = "127.0.0.1:1081"
+            [dns]
+            resolver = "auto"
+            via = ["vps"]
+            canaries = ["example.org"]
+            [[dns.endpoints]]
+            url = "https://dns.example/dns-query"
+            bootstrap = ["192.0.2.1"]
+            """
+        ),
+        "t",
+    )
+    assert config.dns.via == ("vps",) and config.dns.order == "race"

@@ -74,3 +74,102 @@ def test_routing_config_errors_name_key_and_line(
 def test_socks5_strategy_needs_a_server() -> None:
     with pytest.raises(ConfigError, match=r"strategy\[0\]\.server"):
         parse_config('[[strategy]]\nname = "x"\ntype = "socks5"\n', "t.toml")
+
+
+@pytest.mark.parametrize(
+    ("line", "where", "message"),
+    [
+        ("freeze_min_bytes = 0", "router.freeze_min_bytes", "greater than 0"),
+        ("freeze_max_bytes = -5", "router.freeze_max_bytes", "greater than 0"),
+        ("freeze_min_bytes = 30000", "router.freeze_min_bytes", "freeze_max_bytes"),
+        ("freeze_stall = -1", "router.freeze_stall", "at least 0"),
+        ("throttle_factor = 0.5", "router.throttle_factor", "above 1"),
+        ('throttle_factor = "fast"', "router.throttle_factor", "number"),
+    ],
+)
+def test_router_detection_knobs_reject_bad_values(line: str, where: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[router]\n{line}\n", "bad.toml")
+    err = str(info.value)
+    assert err.startswith("bad.toml:") and where in err and message in err, err
+    assert info.value.line is not None
+
+
+def test_router_detection_knobs_accept_off() -> None:
+    config = parse_config("[router]\nfreeze_stall = 0\nthrottle_factor = 0\n", "t.toml")
+    assert config.router.freeze_stall == 0 and config.router.throttle_factor == 0
+
+
+def test_rule_resolver_choice_is_checked() -> None:
+    rule = '[[rule]]\npolicy = "direct"\ndomain = ["x.org"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(rule + 'resolver = "doh"\n', "bad.toml")
+    assert info.value.key == "rule[0].resolver" and info.value.line == 4
+    assert '"default", "secure", "system"' in info.value.message
+    with pytest.raises(ConfigError) as info:
+        parse_config(rule + 'resolver = "secure"\n', "bad.toml")
+    assert info.value.key == "rule[0].resolver" and "dns.endpoints" in info.value.message
+    config = parse_config(rule + 'resolver = "system"\n', "ok.toml")
+    assert config.rule[0].resolver == "system"
+
+
+FRAGMENT = """
+[[strategy]]
+name = "split"
+type = "fragment"
+split = ["start+2", "sni-middle"]
+records = true
+delay = 0.01
+
+[[policy]]
+name = "censored"
+strategies = ["direct", "split", "tls-record-split", "disorder"]
+"""
+
+
+def test_fragment_strategy_config_loads_and_round_trips() -> None:
+    config = parse_config(FRAGMENT, "good.toml")
+    [s] = config.strategy
+    assert (s.type, s.split, s.records, s.segments, s.delay) == (
+        "fragment", ("start+2", "sni-middle"), True, True, 0.01,
+    )  # fmt: skip
+    assert parse_config(render_config(config, mask_secrets=False), "again") == config
+    # the built-in policy can be named without being defined
+    parse_config('[router]\ndefault_policy = "fragment"\n', "t.toml")
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "message"),
+    [
+        (('split = ["start+2", "sni-middle"]', 'split = ["sni-centre"]'), "strategy[0].split[0]",
+         "not a split point"),
+        (('split = ["start+2", "sni-middle"]', "split = []"), "strategy[0].split", "needs split"),
+        (("delay = 0.01", "delay = 3"), "strategy[0].delay", "0 to 2"),
+        (("delay = 0.01", "delay = -1"), "strategy[0].delay", "0 to 2"),
+        (("records = true", "records = false\nsegments = false"), "strategy[0].segments",
+         "segments must be true"),
+        (("records = true", 'host_header = "Hots"'), "strategy[0].host_header", '"host"'),
+        (("records = true", 'host_space = " x"'), "strategy[0].host_space", "spaces or tabs"),
+        (("records = true", 'host_space = "         "'), "strategy[0].host_space", "up to 8"),
+        (("records = true", "ttl = 3"), "strategy[0].ttl", "only disorder"),
+        (('type = "fragment"', 'type = "disorder"\nttl = 0'), "strategy[0].ttl", "between 1"),
+        (('type = "fragment"', 'type = "oob"\nsegments = false'), "strategy[0].segments",
+         "always sends segments"),
+        (('type = "fragment"', 'type = "fragment"\nserver = "127.0.0.1:1"'),
+         "strategy[0].server", "no server"),
+        (('type = "fragment"', 'type = "socks5"\nserver = "127.0.0.1:1"'),
+         "strategy[0].split", "only fragment, disorder and oob"),
+        (('type = "fragment"', 'type = "fragmnet"'), "strategy[0].type", "fragment"),
+        (('name = "split"', 'name = "disorder"'), "strategy[0].name", "built-in strategy"),
+        (('name = "censored"', 'name = "fragment"'), "policy[0].name", "built-in policy"),
+    ],
+)  # fmt: skip
+def test_fragment_strategy_config_errors_name_key_and_line(
+    change: tuple[str, str], where: str, message: str
+) -> None:
+    text = FRAGMENT.replace(*change)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "bad.toml")
+    err = str(info.value)
+    assert err.startswith("bad.toml:") and where in err and message in err, err
+    assert info.value.line is not None

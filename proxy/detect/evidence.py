@@ -8,9 +8,10 @@ summarizes it. A line looks like::
      "host": "www.example.com", "address": "203.0.113.7:443", "sni": "www.example.com",
      "strategy": "direct", "outcome": "sni-reset", "duration_ms": 312, "worked": null}
 
-``outcome`` is the verdict of a failed attempt (``sni-reset``, ``connect-refused``, ...),
-:data:`RECOVERED` for the event that closes a connection rescued by ``worked``, or
-:data:`EXHAUSTED` when no strategy got through.
+``outcome`` is the verdict of a failed or degraded attempt (:class:`proxy.detect.verdict.Verdict`:
+``sni-reset``, ``frozen``, ``site-down``, ...), :data:`RECOVERED` for the event that closes a
+connection rescued by ``worked``, or :data:`EXHAUSTED` when no strategy got through. A freeze or
+throttling found while a connection runs is one line with that verdict and no ``worked``.
 
 The file is rotated by size like logrotate does (``evidence.jsonl.1`` is the newest old file) and
 created with mode 0600: it records which sites the user visits. Writes are short synchronous

@@ -8,6 +8,7 @@ users and scripts can rely on them.
 from __future__ import annotations
 
 import enum
+import re
 
 import trio
 
@@ -41,6 +42,10 @@ class Outcome(enum.StrEnum):
     EOF_BEFORE_RESPONSE = "eof-before-response"
     #: a TLS client hello was answered with something other than a ServerHello
     NOT_SERVER_HELLO = "not-server-hello"
+    #: a plain-HTTP request was answered like a censor answers: status 451, or a redirect to
+    #: another site (checked against the next strategy before it counts, see
+    #: :func:`looks_like_blockpage`)
+    BLOCKPAGE = "blockpage"
     #: any other failure of the strategy
     ERROR = "error"
 
@@ -74,7 +79,7 @@ def judge_first_response(first_flight: bytes, response: bytes, *, tls: bool) -> 
     if not response:
         return Outcome.EOF_BEFORE_RESPONSE
     if not tls:
-        return Outcome.OK
+        return Outcome.BLOCKPAGE if looks_like_blockpage(first_flight, response) else Outcome.OK
     if response[0] != 0x16:
         return Outcome.NOT_SERVER_HELLO
     if len(response) >= 2 and response[1] != 0x03:
@@ -82,3 +87,36 @@ def judge_first_response(first_flight: bytes, response: bytes, *, tls: bool) -> 
     if len(response) >= 6 and response[5] != 0x02:
         return Outcome.NOT_SERVER_HELLO
     return Outcome.OK
+
+
+_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3})[^\r\n]*\r\n")
+_HOST = re.compile(rb"\r\nhost:[ \t]*([^\s:]+)", re.IGNORECASE)
+_LOCATION = re.compile(rb"\r\nlocation:[ \t]*(?:https?:)?//([^\s/:?#]+)", re.IGNORECASE)
+
+
+def looks_like_blockpage(request: bytes, response: bytes) -> bool:
+    """Whether a plain-HTTP ``response`` to ``request`` is what censors typically answer.
+
+    Status 451 (RFC 7725), or a redirect whose ``Location`` names another site than the
+    request's ``Host`` (TSPU's redirect to the ISP's page). Legitimate sites redirect across
+    sites too, so the dispatcher only believes it when another strategy's answer differs.
+    Only the head of the response is looked at; an incomplete head is not judged.
+    """
+    status = _STATUS.match(response)
+    if status is None:
+        return False
+    code = int(status.group(1))
+    if code == 451:
+        return True
+    if code not in (301, 302, 303, 307, 308):
+        return False
+    host = _HOST.search(request)
+    location = _LOCATION.search(response)
+    if host is None or location is None:
+        return False
+    return _site(location.group(1)) != _site(host.group(1))
+
+
+def _site(host: bytes) -> bytes:
+    """The last two labels: enough to tell ``www.example.com`` from ``isp.example``."""
+    return b".".join(host.strip().lower().rstrip(b".").split(b".")[-2:])

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from proxy.detect.evidence import EXHAUSTED, RECOVERED, EvidenceEvent, format_time, parse_time
+from proxy.detect.verdict import Verdict
 
 #: Verdict meaning the site was down for everyone (see DESIGN.md, "Detection").
-SITE_DOWN = "site-down"
+SITE_DOWN = Verdict.SITE_DOWN.value
+#: failures that are not blocking: an outage, a strategy that broke by itself
+_NOT_BLOCKING = (SITE_DOWN, Verdict.PATH_FAILED.value, EXHAUSTED)
 FORMATS = ("text", "json", "csv")
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -73,9 +76,11 @@ def summarize(events: Iterable[EvidenceEvent]) -> list[SiteSummary]:
     for site, evs in by_site.items():
         evs.sort(key=lambda e: e.time)
         failed = [e for e in evs if e.outcome != RECOVERED]
-        blocked = [e for e in failed if e.outcome not in (SITE_DOWN, EXHAUSTED)]
+        blocked = [e for e in failed if e.outcome not in _NOT_BLOCKING]
         rescued = [e for e in evs if e.outcome == RECOVERED and e.worked]
         last = evs[-1]
+        if last.outcome == EXHAUSTED and len(evs) > 1:
+            last = evs[-2]  # what the last failed attempt of that connection was judged
         if last.outcome == RECOVERED:
             status = "recovered"
         elif last.outcome == SITE_DOWN:

@@ -20,6 +20,11 @@ so actions map onto socket operations.
 * **FREEZE_AFTER**: S->C is cut at exactly the limit and then discarded, FIN included.
 * **BLOCKPAGE/REDIRECT**: the engine's reply goes to the client, then a normal close.
 * **DROP_CLIENT**: C->S bytes are discarded, S->C still flows.
+* **Urgent data.** By default the middlebox reads like any socket: a TCP urgent byte (``MSG_OOB``)
+  is left out of the stream it inspects, as a censor that honours the urgent pointer would. With
+  ``urgent_inline=True`` it behaves like the naive DPIs the ``oob`` trick targets: the engine sees
+  the urgent byte inside the stream, while the origin still gets the stream without it (the
+  origin's kernel would drop it).
 
 Connect-time actions are approximate for single flows (see :mod:`proxy.lab.rules`): the kernel has
 already completed the handshake, so a refused flow is accepted and reset at once, and a dropped
@@ -36,6 +41,7 @@ Everything the middlebox opens is closed when :meth:`Middlebox.serve` is cancell
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
 import struct
@@ -51,6 +57,8 @@ __all__ = ["FlowStats", "Middlebox"]
 log = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: ioctl: is the read position at the urgent mark? (Linux, include/uapi/linux/sockios.h)
+_SIOCATMARK = 0x8905
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 #: flows stay held (blackhole/drop) with no upstream connection for these connect-time actions
 _HOLD = frozenset({ActionKind.BLACKHOLE, ActionKind.DROP_SYN})
@@ -105,8 +113,11 @@ class Middlebox:
         buffer_size: int = 65536,
         connect_timeout: float = 10.0,
         real_refusal: bool = True,
+        urgent_inline: bool = False,
     ) -> None:
         self.engine = engine
+        #: the engine sees TCP urgent bytes inside the stream (see the module docstring)
+        self.urgent_inline = urgent_inline
         self.listen = loopback_address(listen)
         self.upstream = loopback_address(upstream)
         self.buffer_size = buffer_size
@@ -258,11 +269,27 @@ class _FlowRunner:
                 receive.close()
             await self._read_client(send)
 
+    async def _receive_client(self) -> tuple[bytes, bool]:
+        """One client read, and whether its first byte is TCP urgent data (``urgent_inline``)."""
+        if not self.box.urgent_inline:
+            return await self.client.receive_some(self.box.buffer_size), False
+        sock = self.client.socket
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            mark = fcntl.ioctl(sock.fileno(), _SIOCATMARK, b"\0\0\0\0")
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        # reads stop right before the urgent byte, so a read that starts at the mark starts with it
+        urgent = struct.unpack("i", mark)[0] != 0
+        return await self.client.receive_some(self.box.buffer_size), urgent
+
     async def _read_client(self, send: trio.MemorySendChannel[bytes]) -> None:
+        if self.box.urgent_inline:
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, True)
         async with send:
             while True:
                 try:
-                    data = await self.client.receive_some(self.box.buffer_size)
+                    data, urgent = await self._receive_client()
                 except _STREAM_ERRORS:
                     self._end(reset=True)  # the client reset: pass the RST on
                     return
@@ -285,6 +312,11 @@ class _FlowRunner:
                             pass
                     self._end()
                     return
+                if urgent:  # the origin's kernel would not put it in the stream either
+                    data = data[1:]
+                    self.stats.c2s_dropped += 1
+                if not data:
+                    continue
                 if verdict.forward and self.upstream is not None:
                     try:
                         await send.send(data)

@@ -103,8 +103,10 @@ class OriginServer:
         status = 200
         chunks: list[bytes] = []
         length = 0
+        kind = "application/octet-stream"
         if target == "/" or target.startswith("/?"):
             chunks = [f"hello from {self.name} (host {host})\n".encode()]
+            kind = "text/plain; charset=utf-8"  # a browser shows it instead of downloading it
         elif target.startswith("/bytes/") and target[7:].isdigit():
             length = min(int(target[7:]), 1 << 34)
         elif target == "/echo":
@@ -118,7 +120,7 @@ class OriginServer:
             chunks = [b"not found\n"]
         if not length:
             length = sum(len(c) for c in chunks)
-        headers = [("Content-Length", str(length)), ("Content-Type", "application/octet-stream")]
+        headers = [("Content-Length", str(length)), ("Content-Type", kind)]
         headers.append(("X-Origin", self.name))
         no_body = request.method == b"HEAD" or status in (204, 304)
         if status in (204, 304):

@@ -464,17 +464,20 @@ def lab_config(config: Config, lab: Lab) -> Config:
     check never sends a query out of the lab), and no drain time."""
     inbound = InboundConfig(name=CHECK_INBOUND, protocol="socks5", listen="127.0.0.1:0", udp=False)
     dns = config.dns
+    isp = f"{lab.isp_resolver[0]}:{lab.isp_resolver[1]}"
     if dns.resolver == "system":
-        isp = f"{lab.isp_resolver[0]}:{lab.isp_resolver[1]}"
         dns = replace(dns, resolver="udp", servers=(isp,))
-    elif dns.resolver == "udp":
+    elif dns.resolver == "auto" and not dns.servers:
+        # auto's plain side is the system resolver: inside the lab, the ISP's
+        dns = replace(dns, servers=(isp,))
+    if dns.resolver in ("udp", "auto"):
         # a lab resolver keeps its role at the lab's actual port; anything else is "a public
         # resolver out there", which inside the lab is the public resolver address
         ours = {a[0]: a for a in (lab.isp_resolver, lab.public_resolver, lab.silent_resolver,
                                   lab.authoritative)}  # fmt: skip
         servers = [ours.get(parse_dns_server(s)[0], lab.public_resolver) for s in dns.servers]
         dns = replace(dns, servers=tuple(dict.fromkeys(f"{ip}:{port}" for ip, port in servers)))
-    elif dns.resolver == "secure":
+    if dns.resolver in ("secure", "auto"):
         # DoH/DoT providers out there are, inside the lab, the lab's own DoH servers (the
         # famous one first, as the real famous ones usually come first in configs)
         endpoints = tuple(
@@ -482,6 +485,15 @@ def lab_config(config: Config, lab: Lab) -> Config:
             for ep in sorted(lab.doh_endpoints, key=lambda ep: not ep.famous)
         )
         dns = replace(dns, endpoints=endpoints)
+    if dns.resolver == "auto":
+        # the injection probe's silent address and the certificate checks stay in the lab too
+        silent = f"{lab.silent_resolver[0]}:{lab.silent_resolver[1]}"
+        dns = replace(
+            dns,
+            silent_server=silent,
+            check_cafile=str(lab.ca_file),
+            check_port=lab.ports.of("https"),
+        )
     shutdown = replace(config.shutdown, drain_timeout=0.0)
     checked = replace(
         config,

@@ -31,11 +31,13 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 import trio
 
+from proxy.net.monitor import Degradation, LinkMonitor, RecordTracker
 from proxy.net.stream import FastStream, TcpStream
 
 _CAN_SPLICE = sys.platform == "linux" and hasattr(os, "splice")
@@ -64,18 +66,36 @@ class RelayStats:
     reset: bool = False
     #: directions that switched to splice (each created one pipe)
     spliced: int = 0
+    #: what the monitor found, if one was watching
+    degraded: Degradation | None = None
+    #: the relay cut the connection (with a reset both ways) because of ``degraded``
+    cut: bool = False
 
 
 class _Shared:
     """State both directions of one relay touch: statistics and the idle deadline."""
 
-    __slots__ = ("closing", "idle", "refresh_at", "scope", "slack", "stats", "streams")
+    __slots__ = (
+        "b_waits_on_a",
+        "closing",
+        "idle",
+        "refresh_at",
+        "scope",
+        "slack",
+        "stats",
+        "streams",
+        "tap",
+    )
 
     def __init__(
         self, stats: RelayStats, scope: trio.CancelScope, idle: float, streams: tuple[object, ...]
     ) -> None:
         self.stats = stats
         self.closing = False
+        #: follows the TLS records of the ``b -> a`` direction while it copies (monitor)
+        self.tap: RecordTracker | None = None
+        #: the ``b -> a`` direction is waiting until ``a`` (the client) takes more data
+        self.b_waits_on_a = False
         self.scope = scope
         self.idle = idle
         self.slack = min(idle / 20, 1.0)
@@ -117,6 +137,8 @@ async def relay(
     buffer_size: int = 65536,
     splice: bool = True,
     closing: bool = False,
+    monitor: LinkMonitor | None = None,
+    on_degraded: Callable[[Degradation], bool] | None = None,
 ) -> RelayStats:
     """Copy bytes between ``a`` and ``b`` in both directions until both are done.
 
@@ -125,6 +147,12 @@ async def relay(
     caller closes both streams as soon as this returns: the last FIN is then left to that close
     instead of costing a ``shutdown()`` of its own. ``splice=False`` keeps every byte in
     user space (the zero-copy path is only used for TCP socket pairs on Linux anyway).
+
+    With a ``monitor`` (``a`` is the client, ``b`` the server), a watcher task looks at the
+    counters every ``monitor.settings.interval`` seconds and calls ``on_degraded`` once when the
+    monitor finds a freeze or throttling; when that returns True the relay ends at once with a
+    reset both ways (``stats.cut``), so a client stuck on a frozen connection retries at once.
+    ``monitor.records``, if any, is fed the ``b -> a`` bytes while they are copied.
     """
     if idle_timeout <= 0:
         raise ValueError("idle_timeout must be positive")
@@ -133,19 +161,46 @@ async def relay(
     stats = RelayStats()
     fast = _is_tcp_socket(a) and _is_tcp_socket(b)
     use_splice = splice and _CAN_SPLICE
-    async with trio.open_nursery() as nursery:
-        shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
-        shared.closing = closing
-        if fast:
-            sa, sb = cast(TcpStream, a), cast(TcpStream, b)
-            nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
-            await _pump_fds(shared, sa, sb, True, buffer_size, use_splice)
-        else:
-            nursery.start_soon(_pump_streams, shared, b, a, False, buffer_size)
-            await _pump_streams(shared, a, b, True, buffer_size)
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
+            shared.closing = closing
+            if monitor is not None:
+                shared.tap = monitor.records
+                outer.start_soon(_watch, shared, monitor, on_degraded)
+            if fast:
+                sa, sb = cast(TcpStream, a), cast(TcpStream, b)
+                nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
+                await _pump_fds(shared, sa, sb, True, buffer_size, use_splice)
+            else:
+                nursery.start_soon(_pump_streams, shared, b, a, False, buffer_size)
+                await _pump_streams(shared, a, b, True, buffer_size)
+        outer.cancel_scope.cancel()
     if nursery.cancel_scope.cancelled_caught and not stats.reset:
         stats.idle_timeout = True
     return stats
+
+
+async def _watch(
+    shared: _Shared, monitor: LinkMonitor, on_degraded: Callable[[Degradation], bool] | None
+) -> None:
+    """Show the monitor the counters every interval; act once on what it finds."""
+    stats = shared.stats
+    while True:
+        await trio.sleep(monitor.settings.interval)
+        found = monitor.tick(
+            stats.b_to_a,
+            trio.current_time(),
+            open_both=stats.first_closed is None,
+            client_blocked=shared.b_waits_on_a,
+        )
+        if found is None:
+            continue
+        stats.degraded = found
+        if on_degraded is not None and on_degraded(found):
+            stats.cut = True
+            shared.abort("b")
+        return
 
 
 def _is_tcp_socket(stream: trio.abc.Stream) -> bool:
@@ -160,38 +215,38 @@ async def _pump_streams(
 ) -> None:
     """One direction over the generic stream interface (memory streams, TLS, tunnels)."""
     src_side, dst_side = ("a", "b") if forward else ("b", "a")
-    moved = 0
-    try:
-        while True:
-            try:
-                data = await src.receive_some(size)
-            except _STREAM_ERRORS:
-                shared.abort(src_side)
-                return
-            if not data:
-                break
-            try:
-                await dst.send_all(data)
-            except _STREAM_ERRORS:
-                shared.abort(dst_side)
-                return
-            moved += len(data)
-            shared.touch()
-        shared.closed(src_side)
-        if isinstance(dst, trio.abc.HalfCloseableStream):
-            try:
-                await dst.send_eof()
-            except _STREAM_ERRORS:
-                shared.abort(dst_side)
-    finally:
-        _count(shared.stats, forward, moved)
-
-
-def _count(stats: RelayStats, forward: bool, moved: int) -> None:
-    if forward:
-        stats.a_to_b += moved
-    else:
-        stats.b_to_a += moved
+    stats = shared.stats
+    tap = None if forward else shared.tap
+    while True:
+        try:
+            data = await src.receive_some(size)
+        except _STREAM_ERRORS:
+            shared.abort(src_side)
+            return
+        if not data:
+            break
+        if tap is not None:
+            tap.feed(data)
+        try:
+            if not forward:
+                shared.b_waits_on_a = True
+            await dst.send_all(data)
+        except _STREAM_ERRORS:
+            shared.abort(dst_side)
+            return
+        finally:
+            shared.b_waits_on_a = False
+        if forward:
+            stats.a_to_b += len(data)
+        else:
+            stats.b_to_a += len(data)
+        shared.touch()
+    shared.closed(src_side)
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        try:
+            await dst.send_eof()
+        except _STREAM_ERRORS:
+            shared.abort(dst_side)
 
 
 class _Closed(Exception):
@@ -211,14 +266,14 @@ async def _pump_fds(
     src_sock, dst_sock = src.socket, dst.socket
     sfd, dfd = src_sock.fileno(), dst_sock.fileno()
     wait_readable = trio.lowlevel.wait_readable
-    wait_writable = trio.lowlevel.wait_writable
 
     def check_open() -> None:
         # after any wait another task may have closed a socket (and the fd number been reused)
         if src_sock.fileno() != sfd or dst_sock.fileno() != dfd:
             raise _Closed
 
-    moved = 0
+    stats = shared.stats
+    tap = None if forward else shared.tap
     turns = 0
     pipe: tuple[int, int] | None = None
     failed_side = src_side
@@ -236,6 +291,8 @@ async def _pump_fds(
             if not data:
                 break
             n = len(data)
+            if tap is not None:
+                tap.feed(data)
             failed_side = dst_side
             view = memoryview(data)
             sent = 0
@@ -243,16 +300,21 @@ async def _pump_fds(
                 try:
                     sent += os.write(dfd, view[sent:])
                 except BlockingIOError:
-                    await wait_writable(dfd)
+                    await _wait_writable(shared, dfd, forward)
                     check_open()
                     turns = 0
             view.release()
-            moved += n
+            if forward:
+                stats.a_to_b += n
+            else:
+                stats.b_to_a += n
             shared.touch()
             if n == size and use_splice:
                 pipe = _make_pipe()
                 if pipe is not None:
-                    shared.stats.spliced += 1
+                    stats.spliced += 1
+                    if tap is not None:
+                        tap.blind = True
                     break
                 use_splice = False  # out of descriptors: keep copying
             turns += 1
@@ -282,10 +344,13 @@ async def _pump_fds(
                     try:
                         left -= splice(pipe_r, dfd, left, flags=flags)
                     except BlockingIOError:
-                        await wait_writable(dfd)
+                        await _wait_writable(shared, dfd, forward)
                         check_open()
                         turns = 0
-                moved += n
+                if forward:
+                    stats.a_to_b += n
+                else:
+                    stats.b_to_a += n
                 shared.touch()
                 turns += 1
                 if turns >= _TURNS_BEFORE_YIELD:
@@ -296,7 +361,6 @@ async def _pump_fds(
         shared.abort(failed_side)
         return
     finally:
-        _count(shared.stats, forward, moved)
         if pipe is not None:
             os.close(pipe[0])
             os.close(pipe[1])
@@ -310,6 +374,18 @@ async def _pump_fds(
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.EBADF):
             shared.abort(dst_side)
+
+
+async def _wait_writable(shared: _Shared, fd: int, forward: bool) -> None:
+    """Wait until ``fd`` takes more; the monitor learns when the client sets the pace."""
+    if forward:
+        await trio.lowlevel.wait_writable(fd)
+        return
+    shared.b_waits_on_a = True
+    try:
+        await trio.lowlevel.wait_writable(fd)
+    finally:
+        shared.b_waits_on_a = False
 
 
 def _make_pipe() -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,9 +27,12 @@ from proxy.errors import RemoteProtocolError
 __all__ = [
     "MAX_HELLO_SIZE",
     "ClientHello",
+    "HelloLayout",
     "build_client_hello",
+    "hello_layout",
     "looks_like_tls",
     "parse_client_hello",
+    "split_records",
 ]
 
 #: largest handshake message (ClientHello) we accept, in bytes
@@ -321,6 +325,105 @@ def _parse_supported_versions(body: _Cursor) -> tuple[int, ...]:
     return tuple(versions.uint16("version") for _ in range(versions.remaining() // 2))
 
 
+# --- re-framing: the same handshake message in other records ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloLayout:
+    """Where the records of a complete ClientHello sit in the raw bytes.
+
+    *Raw* offsets count the input bytes, record headers included; *message* offsets count the
+    handshake message alone (the concatenated record payloads).
+    """
+
+    #: (raw offset of the 5-byte record header, payload length) for each record of the hello
+    records: tuple[tuple[int, int], ...]
+
+    @property
+    def message_length(self) -> int:
+        return sum(length for _, length in self.records)
+
+    @property
+    def raw_length(self) -> int:
+        header, length = self.records[-1]
+        return header + RECORD_HEADER_SIZE + length
+
+    def raw_offset(self, message_offset: int) -> int:
+        """The raw offset of a message byte (``message_length`` maps to the end of the hello)."""
+        if not 0 <= message_offset <= self.message_length:
+            raise ValueError(f"message offset {message_offset} is outside the hello")
+        start = 0
+        for header, length in self.records:
+            if message_offset < start + length:
+                return header + RECORD_HEADER_SIZE + message_offset - start
+            start += length
+        return self.raw_length
+
+    def message_offset(self, raw_offset: int) -> int | None:
+        """The message offset of a raw byte, or None when it lies in a record header or
+        outside the hello."""
+        start = 0
+        for header, length in self.records:
+            payload = header + RECORD_HEADER_SIZE
+            if header <= raw_offset < payload:
+                return None
+            if payload <= raw_offset < payload + length:
+                return start + raw_offset - payload
+            start += length
+        return None
+
+
+def hello_layout(data: bytes) -> HelloLayout | None:
+    """The record layout of the ClientHello at the start of ``data`` (None while incomplete).
+
+    Raises :class:`RemoteProtocolError` like :func:`parse_client_hello`, which callers are
+    expected to have run first.
+    """
+    gathered = _reassemble(data)
+    if gathered is None:
+        return None
+    _, segments, _, total_length, _ = gathered
+    records = []
+    for i, (start, raw) in enumerate(segments):
+        end = segments[i + 1][0] if i + 1 < len(segments) else None
+        if end is None:
+            end = start + (total_length - raw)
+        records.append((raw - RECORD_HEADER_SIZE, end - start))
+    return HelloLayout(tuple(records))
+
+
+def split_records(data: bytes, cuts: Sequence[int]) -> tuple[bytes, list[tuple[int, int]]]:
+    """Re-frame the ClientHello at the start of ``data`` so a new record starts at each of the
+    message offsets in ``cuts``.
+
+    The handshake message is not changed by a single byte: only record headers are added (each
+    with the content type and version of the record it was cut from, and its own length). The
+    client's own record boundaries are kept, bytes after the hello are appended unchanged, and
+    cuts at 0, at the end or outside the message are ignored.
+
+    Returns the new bytes and, for each record of the result, (message offset where its payload
+    starts, raw offset of its header in the result).
+    """
+    layout = hello_layout(data)
+    if layout is None:
+        raise ValueError("the ClientHello is not complete")
+    wanted = sorted({c for c in cuts if 0 < c < layout.message_length})
+    out = bytearray()
+    starts: list[tuple[int, int]] = []
+    message_start = 0
+    for header, length in layout.records:
+        prefix = data[header : header + 3]
+        payload = data[header + RECORD_HEADER_SIZE : header + RECORD_HEADER_SIZE + length]
+        inner = [c - message_start for c in wanted if message_start < c < message_start + length]
+        bounds = [0, *inner, length]
+        for a, b in itertools.pairwise(bounds):
+            starts.append((message_start + a, len(out)))
+            out += prefix + (b - a).to_bytes(2, "big") + payload[a:b]
+        message_start += length
+    out += data[layout.raw_length :]
+    return bytes(out), starts
+
+
 # --- building hellos for tests -----------------------------------------------------------------
 
 _GREASE = 0x0A0A
@@ -375,6 +478,7 @@ def build_client_hello(
     ech: bool = False,
     record_sizes: Sequence[int] = (),
     seed: int = 0,
+    sni_index: int | None = None,
 ) -> bytes:
     """Build a plausible TLS 1.3 ClientHello, wrapped in handshake records (tests only).
 
@@ -389,6 +493,8 @@ def build_client_hello(
     - ``record_sizes``: split the handshake message into records of these payload sizes (the
       rest goes into one last record).
     - ``seed``: derives the random, session id and key shares.
+    - ``sni_index``: after any shuffle, move the server_name extension to this place in the
+      list (0 first, -1 last; GREASE stays outside), to put the name early or late on purpose.
     """
     rng = _Stream(seed)
     exts: list[bytes] = []
@@ -435,6 +541,10 @@ def build_client_hello(
         for i in range(len(exts) - 1, 0, -1):
             j = order.below(i + 1)
             exts[i], exts[j] = exts[j], exts[i]
+    if sni is not None and sni_index is not None:
+        server_name = next(e for e in exts if e[:2] == b"\x00\x00")
+        exts.remove(server_name)
+        exts.insert(sni_index if sni_index >= 0 else len(exts) + 1 + sni_index, server_name)
     if grease:
         exts.insert(0, _ext(_GREASE, b""))
         exts.append(_ext(0x1A1A, b"\x00"))

@@ -16,8 +16,9 @@ Rules:
   (NXDOMAIN, or NOERROR without a record of the asked type: NODATA) the smaller of the SOA
   record's TTL and its MINIMUM field (RFC 2308 section 5), or ``negative_ttl_default`` when the
   authority section has no SOA (RFC 2308 section 5 says those SHOULD NOT be cached, and a
-  forged NXDOMAIN usually has none: set it to 0 where answers can come over plain DNS). The result is clamped to ``[min_ttl, max_ttl]``. A lifetime of 0
-  is not cached.
+  forged NXDOMAIN usually has none: set it to 0 where answers can come over plain DNS). The
+  result is clamped to ``[min_ttl, max_ttl]``, and a negative answer's lifetime to at most
+  ``max_negative_ttl`` as well. A lifetime of 0 is not cached.
 - Not cached: truncated responses, rcodes other than NOERROR and NXDOMAIN (a SERVFAIL is never
   stored, so it is never served stale), responses whose question differs from the query's,
   other opcodes, and messages carrying TSIG.
@@ -128,6 +129,7 @@ class DnsCache:
         clock: Callable[[], float] = time.monotonic,
         *,
         stale_answer_ttl: int = STALE_ANSWER_TTL,
+        max_negative_ttl: int | None = None,
     ) -> None:
         """
         :param max_entries: entries kept at most; the least recently used go first.
@@ -139,6 +141,7 @@ class DnsCache:
             max-stale; it suggests 1 to 3 days); 0 turns serve-stale off.
         :param clock: seconds, monotonic.
         :param stale_answer_ttl: TTL written into stale answers.
+        :param max_negative_ttl: upper clamp of negative answers' lifetime (``None``: max_ttl).
         """
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -146,12 +149,15 @@ class DnsCache:
             raise ValueError("need 0 <= min_ttl <= max_ttl")
         if negative_ttl_default < 0 or stale_ttl < 0 or stale_answer_ttl < 0:
             raise ValueError("TTLs cannot be negative")
+        if max_negative_ttl is not None and max_negative_ttl < 0:
+            raise ValueError("TTLs cannot be negative")
         self.max_entries = max_entries
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_ttl_default = negative_ttl_default
         self.stale_ttl = stale_ttl
         self.stale_answer_ttl = stale_answer_ttl
+        self.max_negative_ttl = max_ttl if max_negative_ttl is None else max_negative_ttl
         self._clock = clock
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self.hits = 0
@@ -276,6 +282,8 @@ class DnsCache:
                 soa = None
                 lifetimes.append(self.negative_ttl_default)
         lifetime = self._clamp(min(lifetimes))
+        if negative:
+            lifetime = min(lifetime, self.max_negative_ttl)
         if lifetime <= 0:
             return None
         ttls = tuple(

@@ -11,6 +11,9 @@ choice (a LAN resolver, the lab, a router's upstream) and checks every answer it
 * a truncated (TC) answer is asked again over TCP.
 
 A and AAAA are asked in parallel; the name resolves when either has addresses.
+:meth:`PlainResolver.forward` relays a client's whole query (any type, its EDNS and flags as
+they are) under the same rules and gives the answer back with the client's ID; the question is
+compared case-insensitively, so a server that does not echo 0x20 letter case is still heard.
 """
 
 from __future__ import annotations
@@ -90,10 +93,25 @@ class PlainResolver:
 
     async def query(self, name: dns.name.Name, rdtype: int) -> dns.message.Message:
         """Ask each server in turn; the first valid response wins."""
+        query = dns.message.make_query(name, rdtype, use_edns=0, payload=_MAX_UDP)
+        return await self._exchange(query, name.to_text(True))
+
+    async def forward(self, query: dns.message.Message) -> dns.message.Message:
+        """Relay a client's ``query`` under a random ID; the answer carries the client's ID.
+
+        Raises :class:`ResolveError` when no server gives a matching answer in time.
+        """
+        if len(query.question) != 1:
+            raise ResolveError("plain DNS forwards queries with exactly one question")
+        ours = dns.message.from_wire(query.to_wire())
+        response = await self._exchange(ours, query.question[0].name.to_text(True))
+        response.id = query.id
+        return response
+
+    async def _exchange(self, query: dns.message.Message, label: str) -> dns.message.Message:
         failures: list[str] = []
         per_server = self.timeout / max(1, len(self.servers))
         for server in self.servers:
-            query = dns.message.make_query(name, rdtype, use_edns=0, payload=_MAX_UDP)
             query.id = secrets.randbelow(1 << 16)
             with trio.move_on_after(per_server):
                 try:
@@ -105,7 +123,7 @@ class PlainResolver:
                     failures.append(f"{server[0]}:{server[1]}: {exc}")
                     continue
             failures.append(f"{server[0]}:{server[1]}: no answer")
-        raise ResolveError(f"{name.to_text(True)}: " + "; ".join(failures))
+        raise ResolveError(f"{label}: " + "; ".join(failures))
 
     def _names(self) -> str:
         return ", ".join(f"{h}:{p}" for h, p in self.servers)

@@ -3,6 +3,17 @@
 This is what a plain client would see: it honours /etc/hosts and nsswitch, and it is also exactly
 what a censor that poisons the ISP resolver controls. trio runs ``getaddrinfo`` in a worker thread;
 a timeout abandons the thread rather than waiting for it.
+
+:meth:`SystemResolver.forward` lets the local DNS server and the cache sit in front of the
+system resolver although ``getaddrinfo`` speaks no DNS: it answers A and AAAA questions (class
+IN) by making up a response from the addresses the system gives, each record with TTL
+:data:`SYSTEM_TTL` (the system does not say how long its answers live). One ``getaddrinfo``
+for both families tells the cases apart: no address at all is NXDOMAIN; addresses of the other
+family only is NOERROR with no records (NODATA). Neither negative answer carries an SOA record.
+Every other type (MX, TXT, HTTPS, ...) and class is answered NOTIMP, since the system has no
+way to look them up; a lookup that fails for another reason (no network, a timeout) raises
+:class:`~proxy.errors.ResolveError`, which the DNS service turns into SERVFAIL or a stale
+answer.
 """
 
 from __future__ import annotations
@@ -10,11 +21,23 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 import trio
 
 from proxy.errors import ResolveError
 from proxy.inbound.base import IPAddress
 from proxy.resolve.base import ip_literal
+
+#: TTL of the records :meth:`SystemResolver.forward` makes up
+SYSTEM_TTL = 60
+
+#: getaddrinfo errors that mean "this name has no address"
+_NO_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 class SystemResolver:
@@ -38,22 +61,72 @@ class SystemResolver:
         if not host or host.startswith(".") or ".." in host:
             await trio.lowlevel.checkpoint()
             raise ResolveError(f"cannot resolve {host!r}: not a valid host name")
+        return _addresses(host, await self._getaddrinfo(host, self.family))
+
+    async def forward(self, query: dns.message.Message) -> dns.message.Message:
+        """Answer an A or AAAA ``query`` from ``getaddrinfo`` (see the module docstring)."""
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.RA
+        if len(query.question) != 1:
+            response.set_rcode(dns.rcode.FORMERR)
+            return response
+        question = query.question[0]
+        wanted = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(question.rdtype)
+        if wanted is None or question.rdclass != dns.rdataclass.IN:
+            response.set_rcode(dns.rcode.NOTIMP)
+            return response
+        host = question.name.to_text(omit_final_dot=True)
+        if not host or host == ".":
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            return response
+        try:
+            infos = await self._getaddrinfo(host, socket.AF_UNSPEC, name_errors=False)
+        except _NoSuchName:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            return response
+        addresses = [a for a in _addresses(host, infos, strict=False) if a.version == wanted]
+        if addresses:
+            rrset = dns.rrset.from_text_list(
+                question.name,
+                SYSTEM_TTL,
+                dns.rdataclass.IN,
+                question.rdtype,
+                [str(a).split("%", 1)[0] for a in addresses],
+            )
+            response.answer.append(rrset)
+        return response
+
+    async def _getaddrinfo(
+        self, host: str, family: int, *, name_errors: bool = True
+    ) -> list[tuple[object, ...]]:
+        """getaddrinfo in a worker thread, under the timeout; errors as ResolveError.
+
+        With ``name_errors`` false, "no such name" raises :class:`_NoSuchName` instead.
+        """
         infos: list[tuple[object, ...]] = []
         with trio.move_on_after(self.timeout) as scope:
             try:
                 infos = await trio.socket.getaddrinfo(
-                    host, None, family=self.family, type=socket.SOCK_STREAM
+                    host, None, family=family, type=socket.SOCK_STREAM
                 )
             except socket.gaierror as exc:
+                if not name_errors and exc.errno in _NO_NAME:
+                    raise _NoSuchName(host) from None
                 raise ResolveError(f"cannot resolve {host!r}: {exc.strerror}") from exc
             except (UnicodeError, OSError) as exc:
                 raise ResolveError(f"cannot resolve {host!r}: {exc}") from exc
         if scope.cancelled_caught:
             raise ResolveError(f"cannot resolve {host!r}: no answer within {self.timeout:g} s")
-        return _addresses(host, infos)
+        return infos
 
 
-def _addresses(host: str, infos: list[tuple[object, ...]]) -> list[IPAddress]:
+class _NoSuchName(Exception):
+    """getaddrinfo said the name does not exist."""
+
+
+def _addresses(
+    host: str, infos: list[tuple[object, ...]], *, strict: bool = True
+) -> list[IPAddress]:
     seen: set[IPAddress] = set()
     result: list[IPAddress] = []
     for info in infos:
@@ -71,6 +144,6 @@ def _addresses(host: str, infos: list[tuple[object, ...]]) -> list[IPAddress]:
         if address not in seen:
             seen.add(address)
             result.append(address)
-    if not result:
+    if not result and strict:
         raise ResolveError(f"cannot resolve {host!r}: no IPv4 or IPv6 address")
     return result

@@ -13,6 +13,12 @@ spent, so one control site being down does not condemn every strategy.
 
 Results are cached per (network, strategy) for :data:`CACHE_FOR` seconds on the trio clock, and a
 probe already running is shared: a burst of failures through one dead strategy probes once.
+
+The second kind of control is about the site, not the strategy: :func:`judge_attempts` gives the
+failed attempts of one connection their verdicts (:mod:`proxy.detect.verdict`) from what the
+connection itself showed (did another strategy reach the site?), from the neutral-name probe of
+the site's address (:func:`probe_address`) when nothing reached it, and from a secure resolver's
+view of the name when the dispatcher has one.
 """
 
 from __future__ import annotations
@@ -20,11 +26,23 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 import trio
 
+from proxy.detect.outcome import Outcome
+from proxy.detect.verdict import (
+    NEUTRAL_NAME,
+    Controls,
+    classify,
+    needs_address_control,
+    neutral_hello,
+)
 from proxy.errors import ProxyError, ResolveError
 from proxy.inbound.base import IPAddress, Target
+from proxy.net.dial import open_tcp
+from proxy.resolve.base import Resolver
+from proxy.route.policy import AttemptRecord, Resolve
 from proxy.strategies.base import Strategy
 
 log = logging.getLogger("sidestep.route")
@@ -125,3 +143,93 @@ class ControlProbes:
             del self._running[key]
             done.set()
         return result
+
+
+async def probe_address(address: IPAddress, port: int, *, tls: bool, timeout: float) -> bool:
+    """The neutral-name control: does ``address`` answer a request for an innocuous name?
+
+    For TLS a ClientHello for :data:`~proxy.detect.verdict.NEUTRAL_NAME` is sent and any answer
+    (a ServerHello, even an alert) counts: the address is reachable and a server is alive. For
+    plain HTTP a ``HEAD`` request for that name.
+    """
+    if tls:
+        probe = neutral_hello()
+    else:
+        probe = f"HEAD / HTTP/1.1\r\nHost: {NEUTRAL_NAME}\r\nConnection: close\r\n\r\n".encode()
+    with trio.move_on_after(timeout):
+        try:
+            stream = await open_tcp([address], port, timeout=timeout)
+        except (ProxyError, OSError):
+            return False
+        async with stream:
+            try:
+                await stream.send_all(probe)
+                return bool(await stream.receive_some(1024))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return False
+    return False
+
+
+async def judge_attempts(
+    attempts: Sequence[AttemptRecord],
+    *,
+    target: Target,
+    tls: bool,
+    response: bytes | None,
+    resolve: Resolve,
+    remote_dns: Callable[[str], bool],
+    dns_control: Resolver | None,
+    timeout: float,
+) -> tuple[list[AttemptRecord], bool]:
+    """Give every failed attempt of one connection its verdict.
+
+    ``response`` is the first answer of the strategy that got through (None: every strategy
+    failed); ``resolve`` the connection's shared lookup of the target; ``remote_dns(name)``
+    whether strategy ``name`` resolves names itself. Controls take at most ``timeout`` seconds
+    each. Returns the judged attempts and whether the winner may be stored as working: not when
+    a "block page" turned out to be the site's own answer (the winner answered the same), in
+    which case those attempts are dropped too.
+    """
+    if not attempts:
+        return [], True
+    reached = response is not None
+    trusted = True
+    if reached:
+        head = _status_line(response or b"")
+        own = [
+            a for a in attempts if a.outcome is Outcome.BLOCKPAGE and _status_line(a.answer) == head
+        ]
+        if own:
+            attempts = [a for a in attempts if a not in own]
+            trusted = False
+
+    def local(a: AttemptRecord) -> bool:
+        return target.ip is None and not remote_dns(a.strategy)
+
+    addresses: Sequence[IPAddress] = [target.ip] if target.ip is not None else []
+    mismatch = False
+    if target.ip is None and any(local(a) for a in attempts):
+        with trio.move_on_after(timeout):
+            try:
+                addresses = await resolve()
+            except ResolveError:
+                addresses = []
+            if dns_control is not None and addresses:
+                try:
+                    secure = await dns_control.resolve(target.host)
+                except ResolveError:
+                    secure = []
+                mismatch = bool(secure) and not set(secure) & set(addresses)
+    answers: bool | None = None
+    if not reached and addresses and any(needs_address_control(a.outcome) for a in attempts):
+        answers = await probe_address(addresses[0], target.port, tls=tls, timeout=timeout)
+    controls = Controls(site_reached=reached, address_answers=answers, dns_mismatch=mismatch)
+    judged = [
+        replace(a, verdict=classify(a.outcome, controls, resolved_locally=local(a)).value)
+        for a in attempts
+    ]
+    return judged, trusted
+
+
+def _status_line(response: bytes) -> bytes:
+    return response.partition(b"\r\n")[0]

@@ -12,20 +12,51 @@ For every tunnel an inbound produces:
 The router issue turns step 2 into a choice among strategies with replay of the first flight;
 the shape of this module (resolve, attempt, reply, relay, one log line) stays.
 
-What the attempts taught is recorded right after they end. When control sites are configured,
-the failed strategies are first checked against a control (:meth:`Router.settle`); that runs in
-``probes``, a nursery the app owns, so the client's connection never waits for it, and shutdown
-cancels whatever is still probing.
+Verdicts (:mod:`proxy.detect.verdict`). Before anything is learned, every failed attempt is
+classified with a control that tells censorship from an outage:
+
+* when another strategy got a first response, the site is up and the failures were done to the
+  paths (sni-reset, sni-timeout, ip-blocked, blockpage). The winner's first response is always
+  awaited before this, also for the last strategy of a policy (which is not cut off for being
+  slow): a strategy is only stored as working for a site once the site answered through it;
+* when every strategy failed, the same address is sent a ClientHello for an innocuous name
+  (:func:`~proxy.detect.verdict.neutral_hello`; a plain TCP connect and a neutral request for
+  plain HTTP): if it answers, the server is up and the name is blocked, otherwise the failures
+  are ``site-down``, which the memory never learns;
+* with :attr:`Dispatcher.dns_control` (a resolver the local network cannot tamper with), a failure
+  whose addresses share nothing with that resolver's view is ``dns-tampering``.
+
+A plain-HTTP answer that looks like a block page only counts as one when the strategy that
+got through answered differently; when it answered the same, nothing about the connection is
+learned (an ordinary cross-site redirect must not pin a trick on the site).
+
+While the winner is relayed, a :class:`~proxy.net.monitor.LinkMonitor` watches its counters
+(policies with more than one strategy only): a freeze is recorded as a failure of that strategy
+for the site at once, so the browser's next connections already take the next strategy, and
+the frozen connection itself is cut with a reset both ways, which makes the client retry now
+instead of hanging until its own timeout. Throttling is recorded the same way, but the
+connection goes on (slow data is still data). Transfers that were not degraded teach the
+per-network, per-strategy throughput baseline that throttling is judged against.
+
+What the attempts taught is recorded once judged. When control sites are configured, the failed
+strategies are also checked against a control (:meth:`Router.settle`); that runs in ``probes``,
+a nursery the app owns, so the client's connection never waits for it, and shutdown cancels
+whatever is still probing. The verdict goes into the evidence log and into the connection's log
+line (``verdict=``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
+from proxy.detect.evidence import EvidenceEvent
+from proxy.detect.outcome import Outcome
+from proxy.detect.verdict import Verdict
 from proxy.errors import ProxyError, ResolveError, UpstreamError
 from proxy.inbound.base import (
     InboundSettings,
@@ -35,12 +66,24 @@ from proxy.inbound.base import (
     Target,
 )
 from proxy.net.dial import open_tcp
+from proxy.net.monitor import Baseline, Degradation, LinkMonitor, RecordTracker
 from proxy.net.relay import relay
 from proxy.net.stream import TcpStream
 from proxy.resolve.base import Resolver
+from proxy.route.control import judge_attempts
 from proxy.route.firstflight import FirstFlight, read_first_flight
-from proxy.route.policy import AllFailed, AttemptRecord, resolve_once, run_policy
+from proxy.route.policy import (
+    FIRST_RESPONSE_READ,
+    AllFailed,
+    AttemptRecord,
+    Resolve,
+    Winner,
+    dials_target,
+    resolve_once,
+    run_policy,
+)
 from proxy.route.router import Decision, Router
+from proxy.status import ConnectionRegistry, LiveConnection
 
 log = logging.getLogger("sidestep.conn")
 
@@ -81,18 +124,29 @@ class Dispatcher:
         self.active = 0
         #: connections whose record waits for a control probe
         self.settling = 0
+        #: a resolver the local network cannot tamper with (DoH/DoT), asked for its view of a
+        #: name when attempts failed; None: no dns-tampering verdicts
+        self.dns_control: Resolver | None = None
+        #: throughput of undegraded bulk transfers, per (network, strategy)
+        self.baselines: dict[tuple[str, str], Baseline] = {}
+        #: resolvers a rule may choose instead of ``resolver`` ("secure", "system")
+        self.resolvers: dict[str, Resolver] = {}
+        #: open tunnels and totals for the status page (the app shares one across reloads)
+        self.status = ConnectionRegistry()
 
     def context(self, inbound: InboundSettings) -> InboundContextImpl:
         """The context handed to one inbound's handlers."""
         return InboundContextImpl(self, inbound)
 
-    async def resolve(self, host: str) -> Sequence[IPAddress]:
+    async def resolve(self, host: str, choice: str = "default") -> Sequence[IPAddress]:
+        """Addresses of ``host`` from the resolver a rule chose (``choice``), else the usual."""
         target = Target.parse(host, 0)
         ip = target.ip
         if ip is not None:
             return [ip]
+        resolver = self.resolvers.get(choice, self.resolver)
         with trio.move_on_after(self.settings.resolve_timeout):
-            addrs = await self.resolver.resolve(target.host)
+            addrs = await resolver.resolve(target.host)
             if not addrs:
                 raise ResolveError(f"{target.host}: no addresses")
             return addrs
@@ -123,15 +177,17 @@ class Dispatcher:
         assert self.router is not None
         start = trio.current_time()
         self.active += 1
+        live = self._register(request, decision.policy.name, start)
         flight = FirstFlight(b"")
         up = down = 0
         outcome = "ok"
+        verdict = Verdict.OK.value
         strategy = "-"
         tried = ""
         target = request.target
 
         async def lookup() -> Sequence[IPAddress]:
-            return await self.resolve(target.host)
+            return await self.resolve(target.host, decision.resolver)
 
         resolve = resolve_once(lookup)
         try:
@@ -142,12 +198,14 @@ class Dispatcher:
                     await resolve()
                 except ResolveError as exc:
                     outcome = f"{_kind(exc)}: {exc}"
+                    verdict = "-"
                     await _quietly(replier.fail(exc))
                     return
             # The client must send its first flight before any strategy can be judged, so the
             # answer is "connected" now; a failure later is a clean close.
             await replier.succeed(None)
             flight = await self._first_flight(request)
+            live.sni, live.up = flight.sni, len(flight.data)
             try:
                 winner = await run_policy(
                     decision.policy,
@@ -158,24 +216,58 @@ class Dispatcher:
                     tls=flight.hello is not None,
                     direct=self.router.strategies["direct"],
                 )
+                if flight.data and not winner.response:
+                    await self._await_answer(winner)
             except AllFailed as exc:
-                tried = _tried(exc.attempts)
-                outcome = f"all-failed: {exc}"
-                self._record(decision, target, flight.sni, exc.attempts, None)
+                attempts, _ = await self._judge(target, flight, exc.attempts, None, resolve)
+                tried = _tried(attempts)
+                verdict = attempts[0].label if attempts else "-"
+                outcome = f"all-failed: {_all_failed(decision, attempts)}"
+                self._record(decision, target, flight.sni, attempts, None)
                 return
-            strategy = winner.strategy
-            tried = _tried(winner.attempts)
-            self._record(decision, target, flight.sni, winner.attempts, winner.strategy)
+            strategy = live.strategy = winner.strategy
+            live.down = len(winner.response)
+            found: list[Degradation] = []
+
+            def degraded(what: Degradation) -> bool:
+                found.append(what)
+                self._record_degraded(decision, target, flight.sni, winner.strategy, what)
+                return what is Degradation.FROZEN
+
             async with winner.stream:
-                up, down, outcome = await self._pump(
-                    request, winner.stream, flight.data, winner.response, sent=True
+                attempts, trusted = await self._judge(
+                    target, flight, winner.attempts, winner.response, resolve
                 )
+                tried = _tried(attempts)
+                if attempts:
+                    verdict = attempts[0].label
+                if trusted:
+                    self._record(decision, target, flight.sni, attempts, winner.strategy)
+                monitor = self._monitor(decision, flight, winner)
+                up, down, outcome = await self._pump(
+                    request,
+                    winner.stream,
+                    flight.data,
+                    winner.response,
+                    sent=True,
+                    monitor=monitor,
+                    on_degraded=degraded,
+                )
+            if found:
+                verdict = found[0].value
+                if found[0] is Degradation.FROZEN:
+                    outcome = f"frozen after {down} bytes: cut, next connections use another way"
+            elif monitor is not None:
+                self._learn_rate(monitor, down - len(winner.response))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = f"client gone: {exc.__class__.__name__}"
         except ProxyError as exc:
             outcome = f"{_kind(exc)}: {exc}"
         finally:
             self.active -= 1
+            self.status.close(
+                live, strategy=strategy, up=up, down=down, outcome=outcome, verdict=verdict
+            )
             if tried:
                 strategy = f"{strategy} (after {tried})"
             _log_connection(
@@ -187,6 +279,125 @@ class Dispatcher:
                 trio.current_time() - start,
                 outcome,
                 policy=decision.policy.name,
+                verdict=verdict,
+            )
+
+    async def _await_answer(self, winner: Winner) -> None:
+        """Wait for the first answer of a winner that was not judged (the last strategy of a
+        fallback policy): it only counts as working once the site answered through it.
+
+        There is no deadline but the idle timeout: a slow server is not cut off. Raises
+        :class:`AllFailed` when the path closes or breaks before a byte arrives.
+        """
+        start = trio.current_time()
+        outcome, detail = Outcome.TIMEOUT_AFTER_FIRST_FLIGHT, "no answer"
+        try:
+            with trio.move_on_after(self.settings.idle_timeout):
+                try:
+                    winner.response = await winner.stream.receive_some(FIRST_RESPONSE_READ)
+                except (trio.BrokenResourceError, OSError) as exc:
+                    outcome, detail = Outcome.RESET_AFTER_FIRST_FLIGHT, f"reset ({exc})"
+                else:
+                    if winner.response:
+                        return
+                    outcome, detail = Outcome.EOF_BEFORE_RESPONSE, "closed before answering"
+        except BaseException:  # cancelled: never leak the stream
+            await trio.aclose_forcefully(winner.stream)
+            raise
+        await trio.aclose_forcefully(winner.stream)
+        record = AttemptRecord(winner.strategy, outcome, trio.current_time() - start, detail)
+        attempts = [*winner.attempts, record]
+        raise AllFailed(_tried(attempts), attempts, None)
+
+    async def _judge(
+        self,
+        target: Target,
+        flight: FirstFlight,
+        attempts: Sequence[AttemptRecord],
+        response: bytes | None,
+        resolve: Resolve,
+    ) -> tuple[list[AttemptRecord], bool]:
+        """Verdicts for the failed attempts (:func:`~proxy.route.control.judge_attempts`)."""
+        router = self.router
+        assert router is not None
+
+        def remote_dns(name: str) -> bool:
+            strategy = router.strategies.get(name)
+            return strategy is not None and strategy.remote_dns
+
+        return await judge_attempts(
+            attempts,
+            target=target,
+            tls=flight.hello is not None,
+            response=response,
+            resolve=resolve,
+            remote_dns=remote_dns,
+            dns_control=self.dns_control,
+            timeout=router.control_timeout,
+        )
+
+    def _monitor(
+        self, decision: Decision, flight: FirstFlight, winner: Winner
+    ) -> LinkMonitor | None:
+        """A monitor for the winner's relay, when there is another strategy to switch to."""
+        router = self.router
+        assert router is not None
+        settings = router.monitor
+        if len(decision.strategies) < 2 or not settings.enabled:
+            return None
+        records: RecordTracker | None = None
+        if flight.hello is not None:
+            records = RecordTracker()
+            records.feed(winner.response)
+        key = (router.network, winner.strategy)
+        baseline = self.baselines.setdefault(key, Baseline())
+        return LinkMonitor(
+            settings,
+            trio.current_time(),
+            baseline=baseline,
+            records=records,
+            down_before=len(winner.response),
+        )
+
+    def _learn_rate(self, monitor: LinkMonitor, relayed: int) -> None:
+        """An undegraded transfer ended: let the baseline learn its rate (if it was bulk)."""
+        rate = monitor.finish(relayed, trio.current_time())
+        if rate is not None and monitor.baseline is not None:
+            monitor.baseline.learn(rate)
+
+    def _record_degraded(
+        self,
+        decision: Decision,
+        target: Target,
+        sni: str | None,
+        strategy: str,
+        found: Degradation,
+    ) -> None:
+        """A relayed connection degraded: the next connections to the site try another way."""
+        router = self.router
+        assert router is not None
+        verdict = Verdict(found.value)
+        log.warning(
+            "%s through %s is %s: the next connections to %s try the next strategy",
+            target,
+            strategy,
+            verdict.value,
+            decision.site,
+        )
+        if router.memory is not None and router.learn:
+            for name in _sharing_the_fate(decision, strategy, found):
+                router.memory.record_failure(router.network, decision.site, name, verdict.value)
+        if router.evidence is not None:
+            router.evidence.write(
+                EvidenceEvent(
+                    time=time.time(),
+                    network=router.network,
+                    site=decision.site,
+                    host=target.host,
+                    outcome=verdict.value,
+                    sni=sni,
+                    strategy=strategy,
+                )
             )
 
     def _record(
@@ -240,6 +451,8 @@ class Dispatcher:
         first_response: bytes,
         *,
         sent: bool,
+        monitor: LinkMonitor | None = None,
+        on_degraded: Callable[[Degradation], bool] | None = None,
     ) -> tuple[int, int, str]:
         """Finish the exchange of the first bytes, then relay; (bytes up, bytes down, outcome).
 
@@ -260,6 +473,8 @@ class Dispatcher:
                 buffer_size=s.buffer_size,
                 splice=s.splice,
                 closing=True,
+                monitor=monitor,
+                on_degraded=on_degraded,
             )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             return up, down, f"closed: {exc.__class__.__name__}"
@@ -270,6 +485,8 @@ class Dispatcher:
         """The plain path: connect first so errors reach the client as protocol replies."""
         start = trio.current_time()
         self.active += 1
+        live = self._register(request, "direct", start)
+        live.strategy = "direct"
         flight = FirstFlight(b"")
         up = down = 0
         outcome = "ok"
@@ -286,6 +503,7 @@ class Dispatcher:
                     bound = upstream.socket.getsockname()
                     await replier.succeed((bound[0], bound[1]))
                     flight = await self._first_flight(request)
+                    live.sni, live.up = flight.sni, len(flight.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     outcome = f"closed: {exc.__class__.__name__}"
                     return
@@ -296,9 +514,29 @@ class Dispatcher:
             outcome = f"{_kind(exc)}: {exc}"
         finally:
             self.active -= 1
+            self.status.close(
+                live,
+                strategy=strategy,
+                up=up,
+                down=down,
+                outcome=outcome,
+                verdict="ok" if outcome == "ok" else None,
+            )
             _log_connection(
                 request, flight, strategy, up, down, trio.current_time() - start, outcome
             )
+
+    def _register(self, request: Request, policy: str, now: float) -> LiveConnection:
+        """Show a tunnel that just started on the status page."""
+        return self.status.open(
+            client=request.client,
+            inbound=request.inbound,
+            protocol=request.protocol,
+            target=str(request.target),
+            policy=policy,
+            now=now,
+            stream=request.stream,
+        )
 
 
 class InboundContextImpl:
@@ -337,8 +575,28 @@ async def _quietly(aw: object) -> None:
         pass
 
 
+def _sharing_the_fate(decision: Decision, strategy: str, found: Degradation) -> list[str]:
+    """The strategies a degradation of ``strategy`` is learned for.
+
+    A freeze is done to the flow by destination (foreign hosting), not by name: when it hits a
+    strategy that dials the target itself, every other such strategy of the policy (the
+    ``fragment`` variants only re-frame the hello) would freeze the same way, so the next
+    connection skips them all and goes to a way that changes the path. Throttling is done by
+    name, which a trick may hide: it is learned for ``strategy`` alone.
+    """
+    names = [strategy]
+    winner = next((s for s in decision.strategies if s.name == strategy), None)
+    if found is Degradation.FROZEN and winner is not None and dials_target(winner):
+        names += [s.name for s in decision.strategies if s.name != strategy and dials_target(s)]
+    return names
+
+
 def _tried(attempts: Sequence[AttemptRecord]) -> str:
-    return ", ".join(f"{a.strategy}: {a.outcome.value}" for a in attempts)
+    return ", ".join(f"{a.strategy}: {a.label}" for a in attempts)
+
+
+def _all_failed(decision: Decision, attempts: Sequence[AttemptRecord]) -> str:
+    return f"every strategy of policy {decision.policy.name!r} failed ({_tried(attempts)})"
 
 
 def _log_connection(
@@ -351,9 +609,12 @@ def _log_connection(
     outcome: str,
     *,
     policy: str = "direct",
+    verdict: str | None = None,
 ) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
+    if verdict is None:  # the plain path judges nothing
+        verdict = "ok" if outcome == "ok" else "-"
     fields = {
         "client": f"{request.client[0]}:{request.client[1]}",
         "inbound": request.inbound,
@@ -366,9 +627,10 @@ def _log_connection(
         "down": down,
         "duration": round(duration, 3),
         "outcome": outcome,
+        "verdict": verdict,
     }
     log.info(
-        "%s -> %s via %s/%s sni=%s strategy=%s up=%d down=%d time=%.3fs %s",
+        "%s -> %s via %s/%s sni=%s strategy=%s up=%d down=%d time=%.3fs verdict=%s %s",
         fields["client"],
         fields["target"],
         request.inbound,
@@ -378,6 +640,7 @@ def _log_connection(
         up,
         down,
         duration,
+        verdict,
         outcome,
         extra={"fields": fields},
     )

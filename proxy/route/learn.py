@@ -12,9 +12,12 @@ How the dispatcher uses it, for one connection on network ``net`` to site ``site
 1. ``order(net, site, policy.strategies)`` gives the order of attempts: the strategy that worked
    most recently first, then the ones we know nothing about (in configured order), then the ones
    that failed recently or are marked unhealthy.
-2. Each failed attempt: ``record_failure(net, site, strategy, verdict)``. A ``site-down`` verdict
-   (the control fails too, the server is simply down) is ignored: nothing is learned from an
-   outage.
+2. Each failed attempt: ``record_failure(net, site, strategy, verdict)``, once the dispatcher has
+   judged it against a control (:mod:`proxy.detect.verdict`). A ``site-down`` verdict (the
+   control fails too, the server is simply down) is ignored: nothing is learned from an outage.
+   A freeze or throttling found while a connection runs (``frozen``, ``throttled``) is recorded
+   the same way at once, so the next connections to the site take the next strategy; like
+   every entry it expires after ``ttl``, when the configured order (plain first) comes back.
 3. The attempt that got a first response: ``record_success(net, site, strategy)``.
 4. Safe rollout: before trusting a strategy that has just rescued a site, the dispatcher checks
    it against an uncensored control site (research/dpi-proxies.md, section 6.4: some tricks

@@ -8,7 +8,19 @@ the next strategy gets the same first flight. The client only ever sees the winn
 Two cases skip the wait for a response, because no judgement could follow from it: an empty
 first flight (the server speaks first, or the client is waiting for us), and the last candidate
 of a ``fallback`` policy (there is nothing left to fall back to, and a slow but working server
-must not be cut off).
+must not be cut off). The dispatcher still waits for that candidate's first answer, without a
+deadline of its own, before it stores it as working for the site.
+
+Two rules keep a policy from cycling through tricks that cannot help:
+
+* a strategy with nothing to change in this first flight (a ``fragment`` variant given a
+  flight it cannot re-frame: an HTTP-only cut for a TLS hello, a protocol it does not know, an
+  empty flight; :class:`~proxy.strategies.fragment.NotApplicable`) is left out before the
+  first attempt: no attempt, no record, nothing learned, no evidence;
+* once a strategy that dials the target itself (``direct`` or a ``fragment`` variant) could not
+  even open the connection or resolve the name, the other such strategies are skipped as well:
+  they differ only in how the first flight is framed, so they would fail the same way, each
+  after its own timeout. Upstream proxies are still tried (``fallback`` mode).
 """
 
 from __future__ import annotations
@@ -24,11 +36,19 @@ from proxy.detect.outcome import Outcome, judge_first_response, outcome_of_conne
 from proxy.errors import ProxyError, ResolveError, UpstreamError
 from proxy.inbound.base import IPAddress, Target
 from proxy.strategies.base import Strategy
+from proxy.strategies.direct import DirectStrategy
+from proxy.strategies.fragment import FragmentStrategy, NotApplicable
 
 log = logging.getLogger("sidestep.route")
 
 #: bytes read while waiting for the first response (a ServerHello fits easily)
 FIRST_RESPONSE_READ = 16384
+#: bytes of a wrong first answer kept in its :class:`AttemptRecord`
+ANSWER_KEPT = 512
+#: outcomes of an attempt that never got a connection to the target's address
+UNREACHED: frozenset[Outcome] = frozenset(
+    {Outcome.CONNECT_REFUSED, Outcome.CONNECT_TIMEOUT, Outcome.UNREACHABLE, Outcome.RESOLVE_ERROR}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +74,16 @@ class AttemptRecord:
     outcome: Outcome
     duration: float
     detail: str = ""
+    #: the verdict once the dispatcher consulted its controls (:mod:`proxy.detect.verdict`);
+    #: empty until then
+    verdict: str = ""
+    #: the first bytes of a wrong answer (block page checks compare it with the winner's)
+    answer: bytes = b""
+
+    @property
+    def label(self) -> str:
+        """What is remembered and logged: the verdict, or the raw outcome before one exists."""
+        return self.verdict or self.outcome.value
 
 
 @dataclass(slots=True)
@@ -98,8 +128,11 @@ async def attempt(
     """One attempt; raises :class:`_AttemptFailed` with the classified outcome."""
     start = trio.current_time()
 
-    def failed(outcome: Outcome, detail: str, cause: BaseException | None = None) -> _AttemptFailed:
-        record = AttemptRecord(strategy.name, outcome, trio.current_time() - start, detail)
+    def failed(
+        outcome: Outcome, detail: str, cause: BaseException | None = None, answer: bytes = b""
+    ) -> _AttemptFailed:
+        took = trio.current_time() - start
+        record = AttemptRecord(strategy.name, outcome, took, detail, answer=answer)
         return _AttemptFailed(record, cause)
 
     stream: trio.abc.HalfCloseableStream | None = None
@@ -136,7 +169,10 @@ async def attempt(
         detail = verdict.value if response else "closed before answering"
         if verdict is Outcome.NOT_SERVER_HELLO:
             detail = f"answered {response[:12]!r} instead of a ServerHello"
-        raise failed(verdict, detail)
+        elif verdict is Outcome.BLOCKPAGE:
+            status_line = response.partition(b"\r\n")[0][:60]
+            detail = f"answered {status_line!r}"
+        raise failed(verdict, detail, answer=response[:ANSWER_KEPT])
     return Winner(strategy.name, stream, response)
 
 
@@ -155,11 +191,12 @@ async def run_policy(
     With ``on_all_failed = "direct"`` and a ``direct`` strategy given, a plain connection is
     tried last when every strategy failed (and was not itself a direct one).
     """
-    if not strategies:
-        raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
     try:
         if policy.mode == "race" and len(strategies) > 1:
-            return await _race(policy, strategies, target, resolve, first_flight, tls=tls)
+            usable = [s for s in strategies if applies(s, first_flight)]
+            if len(usable) > 1:
+                return await _race(policy, usable, target, resolve, first_flight, tls=tls)
+            strategies = usable
         return await _fallback(policy, strategies, target, resolve, first_flight, tls=tls)
     except AllFailed as exc:
         if policy.on_all_failed != "direct" or direct is None:
@@ -194,8 +231,15 @@ async def _fallback(
 ) -> Winner:
     records: list[AttemptRecord] = []
     cause: BaseException | None = None
-    for i, strategy in enumerate(strategies):
-        last = i == len(strategies) - 1
+    # applicability is checked lazily, one candidate ahead (enough to know which one is last):
+    # when the first strategy gets through, the tricks behind it cost nothing
+    pending = _usable_ahead(list(strategies), first_flight)
+    if not pending:
+        raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
+    while pending:
+        strategy = pending.pop(0)
+        pending = _usable_ahead(pending, first_flight)
+        last = not pending
         try:
             winner = await attempt(
                 strategy,
@@ -209,10 +253,38 @@ async def _fallback(
         except _AttemptFailed as exc:
             records.append(exc.record)
             cause = exc.cause
+            if exc.record.outcome in UNREACHED and dials_target(strategy):
+                others = [s for s in pending if not dials_target(s)]
+                pending = _usable_ahead(others, first_flight)
             continue
         winner.attempts = records
         return winner
     raise AllFailed(_summary(policy, records), records, cause)
+
+
+def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy]:
+    """``pending`` without the strategies at its head that do not apply to the flight."""
+    skip = 0
+    while skip < len(pending) and not applies(pending[skip], first_flight):
+        skip += 1
+    return pending[skip:]
+
+
+def applies(strategy: Strategy, first_flight: bytes) -> bool:
+    """Whether ``strategy`` has something to do with ``first_flight`` (see the module
+    docstring): False only for a ``fragment`` variant with nothing to re-frame in it."""
+    if not isinstance(strategy, FragmentStrategy):
+        return True
+    try:
+        strategy.segments_for(first_flight)
+    except NotApplicable:
+        return False
+    return True
+
+
+def dials_target(strategy: Strategy) -> bool:
+    """Whether ``strategy`` connects to the target's own addresses (no proxy in between)."""
+    return isinstance(strategy, DirectStrategy | FragmentStrategy)
 
 
 async def _race(
@@ -267,7 +339,7 @@ async def _race(
 
 
 def _summary(policy: Policy, records: list[AttemptRecord]) -> str:
-    tried = ", ".join(f"{r.strategy}: {r.outcome.value}" for r in records)
+    tried = ", ".join(f"{r.strategy}: {r.label}" for r in records)
     return f"every strategy of policy {policy.name!r} failed ({tried})"
 
 

@@ -29,14 +29,17 @@ from proxy.config import Config
 from proxy.detect.evidence import EXHAUSTED, RECOVERED, EvidenceEvent, EvidenceLog
 from proxy.errors import ConfigError
 from proxy.inbound.base import Target
+from proxy.net.monitor import MonitorSettings
+from proxy.protocols.splits import FragmentPolicy, SplitPoint
 from proxy.route.control import ControlProbes, ControlResult, ResolveHost
 from proxy.route.learn import LearnedMemory
 from proxy.route.policy import AttemptRecord, Policy
 from proxy.route.rules import Match, RuleSet, RuleSpec
 from proxy.route.site import site_of
-from proxy.routerconfig import StrategyConfig, split_server
+from proxy.routerconfig import BUILTIN_POLICIES, BUILTIN_STRATEGIES, StrategyConfig, split_server
 from proxy.strategies.base import Strategy
 from proxy.strategies.direct import DirectStrategy
+from proxy.strategies.fragment import FragmentStrategy
 from proxy.strategies.upstream import HttpConnectStrategy, Socks5Strategy, tor_strategy
 
 log = logging.getLogger("sidestep.route")
@@ -52,16 +55,40 @@ class Decision:
     strategies: tuple[Strategy, ...]
     match: Match
     site: str
+    #: the matching rule's resolver choice ("default", "secure", "system")
+    resolver: str = "default"
 
     @property
     def plain_direct(self) -> bool:
-        """Just the direct strategy: the dispatcher can keep its connect-then-reply path."""
-        return len(self.strategies) == 1 and isinstance(self.strategies[0], DirectStrategy)
+        """Just the direct strategy and the usual resolver: the dispatcher can keep its
+        connect-then-reply path."""
+        return (
+            len(self.strategies) == 1
+            and isinstance(self.strategies[0], DirectStrategy)
+            and self.resolver == "default"
+        )
 
 
 def build_strategy(cfg: StrategyConfig, direct: DirectStrategy) -> Strategy:
     if cfg.type == "direct":
         return DirectStrategy(cfg.name, direct.connect_timeout, direct.happy_eyeballs_delay)
+    if cfg.type in ("fragment", "disorder", "oob"):
+        policy = FragmentPolicy(
+            tuple(SplitPoint.parse(p) for p in cfg.split),
+            records=cfg.records,
+            segments=cfg.segments,
+            host_header=cfg.host_header,
+            host_space=cfg.host_space,
+        )
+        return FragmentStrategy(
+            cfg.name,
+            policy,
+            "split" if cfg.type == "fragment" else cfg.type,
+            delay=cfg.delay,
+            ttl=cfg.ttl,
+            connect_timeout=direct.connect_timeout,
+            happy_eyeballs_delay=direct.happy_eyeballs_delay,
+        )
     timeout = direct.connect_timeout
     if cfg.type == "tor":
         server = split_server(cfg.server) if cfg.server else ("127.0.0.1", 9050)
@@ -97,13 +124,15 @@ class Router:
             "direct", config.outbound.connect_timeout, config.outbound.happy_eyeballs_delay
         )
         self.strategies: dict[str, Strategy] = {"direct": direct}
+        for cfg in BUILTIN_STRATEGIES:
+            self.strategies[cfg.name] = build_strategy(cfg, direct)
         for i, cfg in enumerate(config.strategy):
             try:
                 self.strategies[cfg.name] = build_strategy(cfg, direct)
             except ConfigError as exc:
                 raise ConfigError(exc.message, key=f"strategy[{i}]") from None
         self.policies: dict[str, Policy] = {"direct": DIRECT_POLICY}
-        for p in config.policy:
+        for p in (*BUILTIN_POLICIES, *config.policy):
             self.policies[p.name] = Policy(
                 p.name, p.strategies, p.mode, p.stagger, p.attempt_timeout, p.on_all_failed
             )
@@ -123,6 +152,8 @@ class Router:
             )
             for r in config.rule
         ]
+        #: each rule's resolver choice, by rule position
+        self.rule_resolvers = tuple(r.resolver for r in config.rule)
         try:
             self.rules = RuleSet.compile(specs, config.router.default_policy)
         except ValueError as exc:
@@ -131,6 +162,15 @@ class Router:
         self.memory = memory
         self.evidence = evidence
         self.network = network
+        #: how relayed connections are watched for freezes and throttling
+        self.monitor = MonitorSettings(
+            freeze_min=config.router.freeze_min_bytes,
+            freeze_max=config.router.freeze_max_bytes,
+            freeze_stall=config.router.freeze_stall,
+            throttle_factor=config.router.throttle_factor,
+        )
+        #: seconds the dispatcher's own controls (the neutral-name probe) may take
+        self.control_timeout = config.router.control_timeout
         #: the control sites and their cached results; None when none are configured
         self.control: ControlProbes | None = None
         if config.router.control:
@@ -152,12 +192,14 @@ class Router:
         match = self.rules.match(None if ip is not None else target.host, ip, target.port, inbound)
         policy = self.policies[match.policy]
         names: Sequence[str] = policy.strategies
+        index = match.rule_index
+        resolver = self.rule_resolvers[index] if index is not None else "default"
         if len(names) == 1:  # nothing to order or learn: skip the site lookup (hot path)
-            return Decision(policy, (self.strategies[names[0]],), match, target.host)
+            return Decision(policy, (self.strategies[names[0]],), match, target.host, resolver)
         site = _site(target)
         if self.learn and self.memory is not None:
             names = self.memory.order(self.network, site, names)
-        return Decision(policy, tuple(self.strategies[n] for n in names), match, site)
+        return Decision(policy, tuple(self.strategies[n] for n in names), match, site, resolver)
 
     def to_check(self, attempts: Sequence[AttemptRecord], worked: str | None) -> list[str]:
         """The strategies to check against a control before recording (none without controls).
@@ -240,7 +282,7 @@ class Router:
         site = decision.site if len(decision.strategies) > 1 else _site(target)
         if self.memory is not None and self.learn:
             for a in attempts:
-                self.memory.record_failure(self.network, site, a.strategy, a.outcome.value)
+                self.memory.record_failure(self.network, site, a.strategy, a.label)
             if worked is not None:
                 self.memory.record_success(self.network, site, worked)
         if self.evidence is None:
@@ -252,7 +294,7 @@ class Router:
                     network=self.network,
                     site=site,
                     host=target.host,
-                    outcome=a.outcome.value,
+                    outcome=a.label,
                     sni=sni,
                     strategy=a.strategy,
                     duration_ms=int(a.duration * 1000),

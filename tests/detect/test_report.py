@@ -72,6 +72,22 @@ def test_report_summarize_per_site() -> None:
     assert shop.first_blocked is None
 
 
+def test_report_an_outage_that_exhausted_every_strategy_is_down_not_blocked() -> None:
+    events = [
+        ev(0, "dead.example", "site-down"),
+        ev(1, "dead.example", "site-down", strategy="outside"),
+        ev(2, "dead.example", EXHAUSTED, strategy=None),  # type: ignore[arg-type]
+        ev(10, "slow.example", "throttled"),
+        ev(20, "odd.example", "path-failed"),
+        ev(21, "odd.example", RECOVERED, strategy="direct", worked="direct"),
+    ]
+    dead, slow, odd = summarize(events)
+    assert dead.status == "down" and dead.first_blocked is None
+    assert slow.status == "blocked" and slow.first_blocked == T0 + 10
+    # a strategy that broke by itself is no evidence of blocking
+    assert odd.status == "recovered" and odd.first_blocked is None
+
+
 def test_report_summarize_orders_by_first_event_even_if_unsorted() -> None:
     sites = [s.site for s in summarize(reversed(SAMPLE))]
     assert sites == ["news.example", "chat.example", "shop.example"]

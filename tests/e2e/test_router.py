@@ -74,10 +74,10 @@ domain_suffix = ["test"]
                 "--socks5-hostname", f"127.0.0.1:{p.port}", f"http://blocked.test:{port}/"
             )
             assert r.stdout.startswith(b"hello from plain")
-            await p.await_log("strategy=vps (after direct: connect-refused)")
+            await p.await_log("strategy=vps (after direct: ip-blocked)")
             events = evidence(p.state)
             assert [(e["strategy"], e["outcome"]) for e in events] == [
-                ("direct", "connect-refused"),
+                ("direct", "ip-blocked"),
                 ("vps", "recovered"),
             ]
             assert all(e["site"] == "blocked.test" for e in events)

@@ -44,3 +44,19 @@ async def test_secure_config_resolves_through_lab_doh(lab: Lab) -> None:
         result = await fetch(running.address, lab.url("open.lab"), tls=lab.ca.client_context())
     assert result.status == 200, result
     assert any(e.qname.startswith("open.lab") for s in lab.doh_servers.values() for e in s.log)
+
+
+async def test_lab_config_keeps_every_part_of_auto_dns_inside_the_lab(lab: Lab) -> None:
+    from pathlib import Path
+
+    shipped = parse_config((Path(__file__).parents[2] / "configs" / "lan.toml").read_text(), "lan")
+    assert shipped.dns.resolver == "auto"
+    checked = lab_config(shipped, lab)
+    dns = checked.dns
+    assert dns.servers == (f"{lab.isp_resolver[0]}:{lab.isp_resolver[1]}",)
+    assert dns.silent_server == f"{lab.silent_resolver[0]}:{lab.silent_resolver[1]}"
+    assert dns.check_cafile == str(lab.ca_file)
+    assert dns.endpoints and all(ep.cafile == str(lab.ca_file) for ep in dns.endpoints)
+    lab_ips = {ip for ep in lab.doh_endpoints for ip in ep.bootstrap}
+    for ep in dns.endpoints:
+        assert set(ep.bootstrap) <= lab_ips

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -275,3 +276,99 @@ async def test_relay_closing_leaves_the_last_fin_to_the_callers_close() -> None:
 
 async def run_closing_relay(a: trio.abc.Stream, b: trio.abc.Stream, out: list[RelayStats]) -> None:
     out.append(await relay(a, b, idle_timeout=30.0, closing=True))
+
+
+# -- the in-line monitor ----------------------------------------------------------------------
+
+
+def _tls_record(length: int) -> bytes:
+    return bytes([23, 3, 3]) + length.to_bytes(2, "big") + b"r" * length
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_relay_monitor_cuts_a_frozen_flow_with_a_reset(
+    splice: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    from proxy.net.monitor import Degradation, LinkMonitor, MonitorSettings, RecordTracker
+
+    settings = MonitorSettings(freeze_min=14_000, freeze_max=22_000, freeze_stall=2.0)
+    seen: list[Degradation] = []
+
+    def degraded(what: Degradation) -> bool:
+        seen.append(what)
+        return True
+
+    async with relayed_tcp() as (x, a, b, y):
+        monitor = LinkMonitor(settings, trio.current_time(), records=RecordTracker())
+        out: list[RelayStats] = []
+
+        async def run() -> None:
+            out.append(
+                await relay(
+                    a, b, idle_timeout=60, splice=splice, monitor=monitor, on_degraded=degraded
+                )
+            )
+            # as the dispatcher does: close both at once, which sends the resets
+            await a.aclose()
+            await b.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await x.send_all(b"GET")
+            await y.send_all(_tls_record(30_000)[:16_384])  # then the "censor" drops the rest
+            got = 0
+            with pytest.raises(trio.BrokenResourceError):
+                while data := await x.receive_some(65536):
+                    got += len(data)
+            assert got == 16_384
+    assert seen == [Degradation.FROZEN]
+    stats = out[0]
+    assert stats.cut and stats.reset and stats.degraded is Degradation.FROZEN
+    assert stats.b_to_a == 16_384
+
+
+async def test_relay_monitor_leaves_a_finished_answer_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from proxy.net.monitor import LinkMonitor, MonitorSettings, RecordTracker
+
+    settings = MonitorSettings(freeze_min=14_000, freeze_max=22_000, freeze_stall=2.0)
+    async with relayed_tcp() as (x, a, b, y):
+        monitor = LinkMonitor(settings, trio.current_time(), records=RecordTracker())
+        out: list[RelayStats] = []
+
+        async def run() -> None:
+            out.append(await relay(a, b, idle_timeout=60, monitor=monitor))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            answer = _tls_record(8000) + _tls_record(8000)
+            await y.send_all(answer)
+            got = b""
+            while len(got) < len(answer):
+                got += await x.receive_some(65536)
+            await trio.sleep(30)  # idle keep-alive, far past the stall time
+            await x.send_eof()
+            await y.send_eof()
+    assert out[0].degraded is None and not out[0].cut
+
+
+async def test_relay_counts_live_while_it_runs() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        stats_seen: list[int] = []
+        from proxy.net.monitor import LinkMonitor, MonitorSettings
+
+        class Peek(LinkMonitor):
+            def tick(self, down: int, now: float, **kw: bool) -> None:  # type: ignore[override]
+                stats_seen.append(down)
+                return None
+
+        monitor = Peek(MonitorSettings(interval=0.01), trio.current_time())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(relay, a, b, idle_timeout=30, monitor=monitor))
+            await y.send_all(b"x" * 1000)
+            assert await x.receive_some(2000) == b"x" * 1000
+            while not stats_seen or stats_seen[-1] != 1000:
+                await trio.sleep(0.01)
+            await x.send_eof()
+            await y.send_eof()

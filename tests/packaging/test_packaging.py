@@ -80,9 +80,7 @@ def test_openwrt_init_script_parses(tmp_path: Path) -> None:
     assert script.read_text().startswith("#!/bin/sh /etc/rc.common\n")
     assert _run("sh", "-n", script).returncode == 0
     broken = tmp_path / "broken.init"
-    broken.write_text(
-        script.read_text().replace("procd_close_instance\n}", "procd_close_instance\n")
-    )
+    broken.write_text(script.read_text() + "\nif true; then\n")  # an if never closed
     assert _run("sh", "-n", broken).returncode != 0
 
 
@@ -123,8 +121,8 @@ def test_openwrt_makefile_is_well_formed() -> None:
 
 
 def test_openwrt_ships_a_valid_config() -> None:
-    """The package installs configs/lan.toml as the router's config: it must load."""
-    proc = _run(SIDESTEP, "config", "check", ROOT / "configs" / "lan.toml")
+    """The package installs configs/router.toml as the router's config: it must load."""
+    proc = _run(SIDESTEP, "config", "check", ROOT / "configs" / "router.toml")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -93,6 +93,20 @@ def test_learn_failure_count_restarts_after_expiry(clock: FakeClock) -> None:
     assert (failure.outcome, failure.count) == ("connect-refused", 1)
 
 
+@pytest.mark.parametrize("verdict", ["frozen", "throttled", "sni-timeout", "blockpage"])
+def test_learn_in_line_verdicts_demote_then_expire(clock: FakeClock, verdict: str) -> None:
+    """A verdict found while data flowed demotes the strategy that had worked, until the
+    ttl passes: then the configured order is back, so a censor that changed is noticed."""
+    m = memory(clock, ttl=600)
+    m.record_success(NET, "example.com", "direct")
+    clock.now += 1
+    assert m.record_failure(NET, "example.com", "direct", verdict)
+    assert m.order(NET, "example.com", POLICY)[-1] == "direct"
+    assert m.known_good(NET, "example.com") is None
+    clock.now += 600
+    assert m.order(NET, "example.com", POLICY) == POLICY
+
+
 def test_learn_site_down_is_not_learned(clock: FakeClock) -> None:
     m = memory(clock)
     assert m.record_failure(NET, "example.com", "direct", "site-down") is False

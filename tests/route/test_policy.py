@@ -14,8 +14,11 @@ import trio
 from proxy.detect.outcome import Outcome
 from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
+from proxy.protocols.splits import FragmentPolicy, SplitPoint
 from proxy.protocols.tls_hello import build_client_hello
 from proxy.route.policy import AllFailed, Policy, resolve_once, run_policy
+from proxy.strategies.direct import DirectStrategy
+from proxy.strategies.fragment import FragmentStrategy
 
 HELLO = build_client_hello(sni="site.lab")
 SERVER_HELLO = b"\x16\x03\x03\x00\x04\x02\x00\x00\x00"
@@ -208,3 +211,92 @@ async def test_resolve_once_shares_one_lookup() -> None:
     shared = resolve_once(lookup)
     assert await shared() == await shared()
     assert calls == 1
+
+
+# --- strategies that cannot help are not tried ------------------------------------------------
+
+
+async def loopback() -> Sequence[IPAddress]:
+    return [ipaddress.ip_address("127.0.0.1")]
+
+
+def http_only(name: str = "http-host-mix") -> FragmentStrategy:
+    return FragmentStrategy(name, FragmentPolicy((SplitPoint.parse("host-middle"),)))
+
+
+def tls_split(name: str = "tls-split") -> FragmentStrategy:
+    return FragmentStrategy(name, FragmentPolicy((SplitPoint.parse("sni-middle"),)))
+
+
+async def test_policy_skips_a_trick_with_nothing_to_change_without_a_record(
+    nursery: trio.Nursery,
+) -> None:
+    # an HTTP-only cut has nothing to do with a TLS hello: it is not an attempt at all
+    port = await serve(nursery, answers)
+    target = Target("site.lab", port)
+    policy = Policy("p", (), attempt_timeout=2)
+    with trio.fail_after(5):
+        winner = await run_policy(
+            policy,
+            [http_only(), DirectStrategy()],
+            target,
+            loopback,
+            HELLO,
+            tls=True,
+        )
+    async with winner.stream:
+        assert winner.strategy == "direct"
+        assert winner.attempts == []
+
+
+async def test_policy_with_only_inapplicable_tricks_has_no_usable_strategy() -> None:
+    policy = Policy("p", ())
+    with pytest.raises(AllFailed) as info:
+        await run_policy(policy, [http_only(), tls_split()], TARGET, no_dns, b"", tls=False)
+    assert info.value.attempts == []
+    assert "no usable strategy" in str(info.value)
+
+
+async def test_policy_skips_same_address_tricks_once_the_address_is_unreachable(
+    nursery: trio.Nursery,
+) -> None:
+    # the plain connection is refused: re-framed hellos to the same address would be refused
+    # too, so only the upstream proxy is tried after it
+    good = await serve(nursery, answers)
+    dead = refused_port()
+    target = Target("site.lab", dead)
+    policy = Policy("p", (), attempt_timeout=2)
+    with trio.fail_after(5):
+        winner = await run_policy(
+            policy,
+            [DirectStrategy(), tls_split(), Fixed("proxy", good)],
+            target,
+            loopback,
+            HELLO,
+            tls=True,
+        )
+    async with winner.stream:
+        assert winner.strategy == "proxy"
+        assert [(a.strategy, a.outcome) for a in winner.attempts] == [
+            ("direct", Outcome.CONNECT_REFUSED)
+        ]
+
+
+async def test_policy_tries_every_trick_after_a_reset(nursery: trio.Nursery) -> None:
+    # a reset after the hello says nothing against a re-framed hello: the trick is tried
+    bad = await serve(nursery, resets)
+    good = await serve(nursery, answers)
+    target = Target("site.lab", bad)
+    policy = Policy("p", (), attempt_timeout=2)
+    with trio.fail_after(5):
+        winner = await run_policy(
+            policy,
+            [DirectStrategy(), tls_split(), Fixed("proxy", good)],
+            target,
+            loopback,
+            HELLO,
+            tls=True,
+        )
+    async with winner.stream:
+        assert winner.strategy == "proxy"
+        assert [a.strategy for a in winner.attempts] == ["direct", "tls-split"]
