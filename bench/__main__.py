@@ -1,5 +1,5 @@
 """``python -m bench relay`` / ``socks --port 1080`` / ``rules`` / ``dnscache`` / ``dnsserver`` /
-``ttfb`` (see bench/README.md)."""
+``ttfb`` / ``household`` (see bench/README.md)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def main() -> None:
     bc = sub.add_parser("bridgecodec", help="bridge record seal+open vs raw ChaCha20-Poly1305")
     bc.add_argument("--mib", type=int, default=256, help="MiB sealed and opened per pass")
     bc.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
+    from bench.household import add_household_parser
+
+    add_household_parser(sub)
     args = parser.parse_args()
     if args.cmd == "relay":
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -85,6 +88,10 @@ def main() -> None:
         from bench.ttfb import run_ttfb_bench
 
         run_ttfb_bench(args)
+    elif args.cmd == "household":
+        from bench.household import run_household_bench
+
+        run_household_bench(args)
     elif args.cmd == "fallback":
         from bench.fallback import run_fallback_bench
 
