@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
@@ -42,12 +42,11 @@ from proxy.detect import dnscheck
 from proxy.detect.dnscheck import Verdict
 from proxy.detect.dnsplan import CheckPlan, check_plan, run_checks
 from proxy.detect.evidence import EvidenceEvent, EvidenceLog
-from proxy.errors import ResolveError, UpstreamError
+from proxy.errors import ResolveError
 from proxy.inbound.base import IPAddress, Target
-from proxy.net.h2client import H2ClientConnection, H2Error
 from proxy.resolve.base import ip_literal
 from proxy.resolve.chain import ChainMember, EndpointKey, ResolverChain, secure_chain
-from proxy.resolve.doh import _MAX_ANSWER, DohResolver, spki_sha256
+from proxy.resolve.doh import DohResolver
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.system import SystemResolver
 from proxy.route.site import site_of
@@ -79,48 +78,19 @@ class ViaDohResolver(DohResolver):
         super().__init__(url, [address], **kwargs)
         self.strategy = strategy
 
-    async def _connection(self) -> H2ClientConnection:
-        async with self._dial_lock:
-            if self._conn is not None and self._conn.usable:
-                return self._conn
-            if self._nursery is None:
-                raise ResolveError(f"{self.url}: resolver is not running (use 'async with')")
-            label = f"{self.url} via {self.strategy.name}"
+    @property
+    def label(self) -> str:
+        return f"{self.url} via {self.strategy.name}"
+
+    def _dialer(self) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        async def dial() -> trio.abc.Stream:
+            if self.strategy.remote_dns and ip_literal(self.host) is None:
+                return await self.strategy.connect(Target.parse(self.host, self.port), [], b"")
             address = self.bootstrap[0]
-            with trio.move_on_after(self.timeout):
-                try:
-                    if self.strategy.remote_dns and ip_literal(self.host) is None:
-                        tcp = await self.strategy.connect(
-                            Target.parse(self.host, self.port), [], b""
-                        )
-                    else:
-                        target = Target.parse(str(address), self.port)
-                        tcp = await self.strategy.connect(target, [address], b"")
-                except UpstreamError as exc:
-                    raise ResolveError(f"{label}: {exc}") from exc
-                stream = trio.SSLStream(tcp, self._ssl, server_hostname=self.server_name or None)
-                try:
-                    await stream.do_handshake()
-                    if stream.selected_alpn_protocol() != "h2":
-                        raise ResolveError(f"{label}: the server did not agree to HTTP/2")
-                    der = stream.getpeercert(binary_form=True)
-                    if self.pins and (der is None or spki_sha256(der) not in self.pins):
-                        raise ResolveError(f"{label}: certificate pin mismatch")
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    await trio.aclose_forcefully(stream)
-                    raise ResolveError(f"{label}: TLS failed ({exc.__cause__ or exc})") from exc
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-                self.connections_opened += 1
-                conn = H2ClientConnection(stream, self.authority, max_body=_MAX_ANSWER + 1)
-                try:
-                    await self._nursery.start(self._run, conn)
-                except H2Error as exc:
-                    raise ResolveError(f"{label}: {exc}") from exc
-                self._conn = conn
-                return conn
-            raise ResolveError(f"{label}: no connection within {self.timeout:g} s")
+            target = Target.parse(str(address), self.port)
+            return await self.strategy.connect(target, [address], b"")
+
+        return dial
 
 
 def via_chain(

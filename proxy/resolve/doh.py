@@ -137,16 +137,20 @@ async def open_secure_stream(
     label: str,
     timeout: float,
     alpn: str | None = None,
+    dial: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
 ) -> trio.SSLStream[trio.abc.Stream]:
     """Connect to one of ``bootstrap`` (Happy Eyeballs), handshake, check ALPN and pins.
 
     ``server_name`` is sent as SNI and checked in the certificate ("" sends no SNI). Every
     failure becomes a :class:`ResolveError` naming ``label``; certificate problems say
-    "certificate".
+    "certificate". ``dial`` replaces the direct TCP connection (to go through a proxy).
     """
     with trio.move_on_after(timeout):
         try:
-            tcp = await open_tcp(bootstrap, port, timeout=timeout)
+            if dial is not None:
+                tcp = await dial()
+            else:
+                tcp = await open_tcp(bootstrap, port, timeout=timeout)
         except UpstreamError as exc:
             raise ResolveError(f"{label}: {exc}") from exc
         peer = _peer_text(tcp, port)
@@ -467,18 +471,28 @@ class DohResolver(PooledConnectionOwner):
                 self.server_name,
                 self._ssl,
                 self.pins,
-                label=self.url,
+                label=self.label,
                 timeout=self.timeout,
                 alpn="h2",
+                dial=self._dialer(),
             )
             self.connections_opened += 1
             conn = H2ClientConnection(stream, self.authority, max_body=_MAX_ANSWER + 1)
             try:
                 await self._nursery.start(self._run, conn)
             except H2Error as exc:
-                raise ResolveError(f"{self.url}: {exc}") from exc
+                raise ResolveError(f"{self.label}: {exc}") from exc
             self._conn = conn
             return conn
+
+    @property
+    def label(self) -> str:
+        """How errors name this endpoint."""
+        return self.url
+
+    def _dialer(self) -> Callable[[], Awaitable[trio.abc.Stream]] | None:
+        """How the TCP connection is opened; None: directly to the bootstrap addresses."""
+        return None
 
     async def _run(self, conn: H2ClientConnection, *, task_status: trio.TaskStatus[None]) -> None:
         try:
