@@ -55,6 +55,9 @@ def main() -> None:
     ds.add_argument("--doh-queries", type=int, default=200, help="uncached names asked via DoH")
     tt = sub.add_parser("ttfb", help="time to first byte: SNI-reset site first/repeat visit")
     tt.add_argument("--repeat", type=int, default=30, help="fetches per kind; medians printed")
+    from bench.bridge import add_bridge_bench_parser
+
+    add_bridge_bench_parser(sub)
     bc = sub.add_parser("bridgecodec", help="bridge record seal+open vs raw ChaCha20-Poly1305")
     bc.add_argument("--mib", type=int, default=256, help="MiB sealed and opened per pass")
     bc.add_argument("--repeat", type=int, default=3, help="passes; the best is printed")
@@ -80,6 +83,10 @@ def main() -> None:
         from bench.dnsserver import run_dnsserver_bench
 
         run_dnsserver_bench(args)
+    elif args.cmd == "bridge":
+        from bench.bridge import run_bridge_bench
+
+        run_bridge_bench(args)
     elif args.cmd == "bridgecodec":
         from bench.bridgecodec import run_bridgecodec_bench
 

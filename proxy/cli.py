@@ -14,6 +14,8 @@ import trio
 
 from proxy import __version__
 from proxy.bridge.keygen import add_keygen_parser, run_keygen
+from proxy.bridge.server import add_bridge_parser, run_bridge
+from proxy.checkcli import add_check_parser, wants_site_probe
 from proxy.config import load_config, render_config
 from proxy.detect.dnsprobe_cli import add_probe_parser
 from proxy.errors import ConfigError
@@ -58,17 +60,29 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     show = cfg_sub.add_parser("show", help="print the effective config (secrets masked)")
     show.add_argument("file", metavar="FILE", nargs="?")
+    cfg_sub.add_parser("reference", help="print every config key with its type and default")
     add_lab_parser(sub)
     add_learned_parser(sub)
     add_report_parser(sub)
     add_system_proxy_parser(sub)
     add_router_rules_parser(sub)
     add_keygen_parser(sub)
+    add_bridge_parser(sub)
     add_probe_parser(sub)
+    add_check_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["check"] or (words[:1] == ["probe"] and wants_site_probe(words[1:])):
+        # they parse their own arguments: a usage error is status 3 (2 means "unreachable")
+        from proxy.checkcli import run_check, run_site_probe
+
+        try:
+            return run_check(words[1:]) if words[0] == "check" else run_site_probe(words[1:])
+        except KeyboardInterrupt:
+            return 130
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -78,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args))
         if args.command == "keygen":
             return run_keygen(args)
+        if args.command == "bridge":
+            return run_bridge(args)
         if args.command == "lab":
             from proxy.lab.cli import run_lab
 
@@ -89,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if args.config_command == "show":
                 sys.stdout.write(render_config(load_config(args.file)))
+                return 0
+            if args.config_command == "reference":
+                from proxy.configdoc import render
+
+                sys.stdout.write(render())
                 return 0
             parser.parse_args(["config", "--help"])
         parser.print_help()

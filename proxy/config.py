@@ -20,7 +20,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from proxy.configschema import (
     between,
@@ -183,26 +183,16 @@ class UserConfig:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class InboundConfig:
-    """One listening socket and the proxy protocol its clients speak."""
+class _Listener:
+    """What config sections that open a port guarded by an ``allow`` list share: their
+    ``listen`` and ``allow`` fields (declared by each dataclass) and the rule that a port other
+    machines can reach must say which of them may use it."""
 
-    #: how log lines and rules refer to this inbound; unique
-    name: str = option(check=_check_name)
-    #: "mixed" answers SOCKS5, SOCKS4/4a and HTTP proxy requests on one port
-    protocol: InboundProtocol = "mixed"
-    #: "host:port" to listen on
-    listen: str = option("127.0.0.1:1080", check=_check_listen)
-    #: client networks allowed to connect; empty means loopback only (see effective_allow)
-    allow: tuple[str, ...] = option((), each=_check_network)
-    #: when non-empty, clients must log in with one of these
-    users: tuple[UserConfig, ...] = ()
-    #: seconds a client gets to finish its proxy handshake
-    handshake_timeout: float = option(10.0, check=positive)
-    #: allow SOCKS5 UDP ASSOCIATE (no effect on socks4 and http, which cannot carry UDP)
-    udp: bool = True
-    #: seconds an idle HTTP keep-alive client connection is kept open
-    idle_timeout: float = option(300.0, check=positive)
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        listen: str
+        allow: tuple[str, ...]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -222,15 +212,43 @@ class InboundConfig:
             return tuple(ipaddress.ip_network(a, strict=False) for a in self.allow)
         return LOOPBACK_NETWORKS
 
-    def validate(self) -> None:
+    def require_allow(self, what: str, risk: str) -> None:
+        """Refuse a listener other machines can reach when it has no allow list."""
         if not self.allow and not self.is_loopback:
             raise ConfigError(
-                f"listening on {self.address[0]} lets other machines connect, so this inbound "
-                "needs an allow list of the client networks it serves, e.g. allow = "
-                '["192.168.0.0/16"]; without one anybody who can reach the port could use '
-                "your connection (an open proxy)",
+                f"{what} on {self.address[0]} can be reached by other machines, so it needs an "
+                'allow list of the client networks it serves, e.g. allow = ["192.168.0.0/16"]; '
+                f"{risk}",
                 key="listen",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class InboundConfig(_Listener):
+    """One listening socket and the proxy protocol its clients speak."""
+
+    #: how log lines and rules refer to this inbound; unique
+    name: str = option(check=_check_name)
+    #: "mixed" answers SOCKS5, SOCKS4/4a and HTTP proxy requests on one port
+    protocol: InboundProtocol = "mixed"
+    #: "host:port" to listen on
+    listen: str = option("127.0.0.1:1080", check=_check_listen)
+    #: client networks allowed to connect; empty means loopback only (see effective_allow)
+    allow: tuple[str, ...] = option((), each=_check_network)
+    #: when non-empty, clients must log in with one of these
+    users: tuple[UserConfig, ...] = ()
+    #: seconds a client gets to finish its proxy handshake
+    handshake_timeout: float = option(10.0, check=positive)
+    #: allow SOCKS5 UDP ASSOCIATE (no effect on socks4 and http, which cannot carry UDP)
+    udp: bool = True
+    #: seconds an idle HTTP keep-alive client connection is kept open
+    idle_timeout: float = option(300.0, check=positive)
+
+    def validate(self) -> None:
+        self.require_allow(
+            "an inbound",
+            "without one anybody who can reach the port could use your connection (an open proxy)",
+        )
         seen: set[str] = set()
         for i, user in enumerate(self.users):
             if user.username in seen:
@@ -307,7 +325,7 @@ class DnsEndpointConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DnsServerConfig:
+class DnsServerConfig(_Listener):
     """sidestep's own DNS server, for devices and programs that do not use the proxy for names."""
 
     #: answer DNS queries (UDP and TCP) on `listen`
@@ -323,27 +341,11 @@ class DnsServerConfig:
     #: seconds an idle DNS-over-TCP connection is kept open
     tcp_idle_timeout: float = option(10.0, check=positive)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """``listen`` split into host and port."""
-        return parse_listen(self.listen)
-
-    @property
-    def effective_allow(self) -> tuple[IPNetwork, ...]:
-        """The client networks actually answered: ``allow``, or loopback when it is empty."""
-        if self.allow:
-            return tuple(ipaddress.ip_network(a, strict=False) for a in self.allow)
-        return LOOPBACK_NETWORKS
-
     def validate(self) -> None:
-        host = self.address[0]
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        if self.enabled and not self.allow and not loopback:
-            raise ConfigError(
-                f"a DNS server on {host} can be reached by other machines, so it needs an allow "
-                'list of the client networks it serves, e.g. allow = ["192.168.0.0/16"]; '
+        if self.enabled:
+            self.require_allow(
+                "a DNS server",
                 "without one anybody could use it (an open resolver, abused for floods)",
-                key="listen",
             )
 
 
@@ -453,7 +455,7 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class WebConfig:
+class WebConfig(_Listener):
     """The status page, ``/metrics``, ``/api/status`` and ``/proxy.pac`` on one web port."""
 
     #: serve them at all
@@ -465,28 +467,9 @@ class WebConfig:
     #: seconds a client gets to send a request, and to take the answer
     timeout: float = option(10.0, check=positive)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """``listen`` split into host and port."""
-        return parse_listen(self.listen)
-
-    @property
-    def effective_allow(self) -> tuple[IPNetwork, ...]:
-        """The client networks actually served: ``allow``, or loopback when it is empty."""
-        if self.allow:
-            return tuple(ipaddress.ip_network(a, strict=False) for a in self.allow)
-        return LOOPBACK_NETWORKS
-
     def validate(self) -> None:
-        host = self.address[0]
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        if self.enabled and not self.allow and not loopback:
-            raise ConfigError(
-                f"a status page on {host} can be reached by other machines, so it needs an "
-                'allow list of the client networks it serves, e.g. allow = ["192.168.0.0/16"]; '
-                "the page lists the sites being visited",
-                key="listen",
-            )
+        if self.enabled:
+            self.require_allow("a status page", "the page lists the sites being visited")
 
 
 def _default_inbounds() -> tuple[InboundConfig, ...]:

@@ -58,7 +58,10 @@ def option(
     ``each`` does the same for every item of an array; ``secret`` masks the value in renders.
     """
     metadata = {"check": check, "each": each, "secret": secret}
-    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+    # a secret stays out of repr() too, so logging a config object can never show it
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata=metadata, repr=not secret
+    )
 
 
 def positive(value: float) -> None:

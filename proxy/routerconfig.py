@@ -21,9 +21,18 @@ from proxy.configschema import between, non_negative, not_empty, option, positiv
 from proxy.errors import ConfigError
 from proxy.protocols.splits import SplitPoint
 
-StrategyType = Literal["direct", "socks5", "http", "tor", "fragment", "disorder", "oob"]
+StrategyType = Literal["direct", "socks5", "http", "tor", "fragment", "disorder", "oob", "bridge"]
 #: the strategy types that re-frame the client's first flight
 FRAGMENT_TYPES = ("fragment", "disorder", "oob")
+
+
+def _check_bridge_uri(text: str) -> None:
+    from proxy.bridge.identity import parse_bridge_uri
+
+    try:
+        parse_bridge_uri(text)
+    except ConfigError as exc:  # its message names the bad part, never the secret
+        raise ValueError(f"not a valid bridge URI: {exc.key}: {exc.message}") from None
 
 
 def _check_server(text: str) -> None:
@@ -125,6 +134,10 @@ class StrategyConfig:
     password: str | None = option(None, check=not_empty, secret=True)
     #: let the upstream resolve names (no local DNS query for the target); tor always does
     remote_dns: bool = True
+    #: bridge: the "sidestep://..." URI its operator gave you (a secret, masked in renders)
+    uri: str | None = option(None, check=_check_bridge_uri, secret=True)
+    #: bridge (ws carrier): trust this CA file for the bridge's certificate, not the system's
+    cafile: str | None = option(None, check=not_empty)
     #: fragment/disorder/oob: where to cut the first flight ("sni-middle", "start+2", ...)
     split: tuple[str, ...] = option((), each=_check_split)
     #: fragment: cut the TLS ClientHello into several TLS records at the split points
@@ -148,6 +161,30 @@ class StrategyConfig:
             raise ConfigError("a direct strategy has no server", key="server")
         if (self.username is None) != (self.password is None):
             raise ConfigError("give both username and password, or neither", key="username")
+        self._validate_bridge()
+
+    def _validate_bridge(self) -> None:
+        if self.type != "bridge":
+            for key in ("uri", "cafile"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"only bridge strategies take {key}", key=key)
+            return
+        if self.uri is None:
+            raise ConfigError('a bridge strategy needs uri = "sidestep://..."', key="uri")
+        from proxy.bridge.identity import parse_bridge_uri
+
+        uri = parse_bridge_uri(self.uri)
+        if uri.carrier not in ("raw", "ws") or uri.front is not None:
+            raise ConfigError(
+                "only bridges with carrier=raw or carrier=ws (no front) are supported so far",
+                key="uri",
+            )
+        for key, unset in (
+            ("server", self.server is None),
+            ("username", self.username is None),
+        ):
+            if not unset:
+                raise ConfigError(f"a bridge strategy takes no {key}", key=key)
 
     def _validate_fragment(self) -> None:
         if self.type not in FRAGMENT_TYPES:
@@ -254,7 +291,8 @@ class RuleConfig:
 class RouterConfig:
     """Which policy handles what is not matched by any rule, and learning."""
 
-    default_policy: str = "direct"
+    #: "fragment": a plain connection first, the built-in tricks only after it failed
+    default_policy: str = "fragment"
     #: remember per site and network which strategy worked, and try it first next time
     learn: bool = True
     #: seconds a learned result stays valid
@@ -296,10 +334,13 @@ def _builtin_strategies() -> tuple[StrategyConfig, ...]:
         # record, which is all that first-record inspection (TSPU) looks at
         StrategyConfig("tls-record-split", "fragment", split=("sni-middle",), records=True,
                        segments=False),
-        # separate TCP segments, cut in the first record header and inside the name (or the
-        # request line and the Host value): per-segment inspection never sees a whole name
-        StrategyConfig("tcp-segment-split", "fragment",
-                       split=("start+2", "sni-middle", "host-middle")),
+        # two TCP segments cut inside the name (or the Host value): per-segment inspection
+        # never sees a whole name. No cut in the first bytes: a first segment too short to show
+        # a TLS record header fails protocol allow-lists (Iran's, with a 60 s penalty for the
+        # client/server pair that would also sink every trick after this one)
+        StrategyConfig("tcp-segment-split", "fragment", split=("sni-middle", "host-middle")),
+        # also cut in the record header, which first-record inspection (TSPU) cannot
+        # reassemble, but protocol allow-lists punish: after the gentler splits
         StrategyConfig("tls-record-and-segment", "fragment", split=("start+2", "sni-middle"),
                        records=True),
         # plain HTTP only: the request line, then the Host line cut in its value, the field
@@ -320,9 +361,13 @@ def _builtin_strategies() -> tuple[StrategyConfig, ...]:
 #: strategies every config has without writing them, in the order the built-in policy tries them
 BUILTIN_STRATEGIES: tuple[StrategyConfig, ...] = _builtin_strategies()
 #: policies every config has: "fragment" tries a plain connection, then the tricks, cheapest and
-#: least likely to upset a server first
+#: least likely to upset a server first. It is the default policy, so its attempt timeout is
+#: what a first visit to a site whose name is silently dropped costs before the first trick:
+#: 4 s still leaves a slow server (or a satellite link) several round trips for its answer
 BUILTIN_POLICIES: tuple[PolicyConfig, ...] = (
-    PolicyConfig("fragment", ("direct", *(s.name for s in BUILTIN_STRATEGIES))),
+    PolicyConfig(
+        "fragment", ("direct", *(s.name for s in BUILTIN_STRATEGIES)), attempt_timeout=4.0
+    ),
 )
 
 

@@ -15,6 +15,7 @@ and first answer) until the tunnel ends.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import socket
@@ -29,6 +30,8 @@ _TCPI_BYTES = struct.Struct("=QQ")
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 #: a label value that is a short word ("sni-reset", "idle-timeout") and nothing else
 _WORD = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+#: outcomes that are their own kind (the common case, answered without parsing)
+_PLAIN_OUTCOMES = frozenset({"ok", "idle-timeout"})
 
 
 def outcome_kind(outcome: str) -> str:
@@ -39,6 +42,8 @@ def outcome_kind(outcome: str) -> str:
     ..."`` -> ``"frozen"``. Anything unexpected counts as ``"other"``, so the set of values
     stays small whatever an error message says.
     """
+    if outcome in _PLAIN_OUTCOMES:
+        return outcome
     head = outcome.split(":", 1)[0].strip().lower()
     if head.startswith("frozen"):
         return "frozen"
@@ -46,6 +51,7 @@ def outcome_kind(outcome: str) -> str:
     return head if _WORD.fullmatch(head) else "other"
 
 
+@functools.lru_cache(maxsize=64)
 def verdict_kind(verdict: str | None) -> str | None:
     """A verdict as counted (``None``: the connection was not judged)."""
     if not verdict or verdict == "-":
@@ -139,14 +145,7 @@ class ConnectionRegistry:
     ) -> LiveConnection:
         """Register a tunnel that just started."""
         conn = LiveConnection(
-            id=next(self._ids),
-            client=client,
-            inbound=inbound,
-            protocol=protocol,
-            target=target,
-            policy=policy,
-            opened=now,
-            stream=stream,
+            next(self._ids), client, inbound, protocol, target, policy, now, stream
         )
         self._live[conn.id] = conn
         self.opened += 1

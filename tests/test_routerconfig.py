@@ -173,3 +173,49 @@ def test_fragment_strategy_config_errors_name_key_and_line(
     err = str(info.value)
     assert err.startswith("bad.toml:") and where in err and message in err, err
     assert info.value.line is not None
+
+
+BRIDGE_URI = (
+    "sidestep://0123456789abcdef@192.0.2.7:443?pk=" + "A" * 43 + "&secret=" + "B" * 42 + "A"
+    "&carrier=raw"
+)
+
+
+def test_bridge_strategy_config_loads_and_masks_its_uri() -> None:
+    text = f'[[strategy]]\nname = "b"\ntype = "bridge"\nuri = "{BRIDGE_URI}"\n'
+    config = parse_config(text, "b.toml")
+    assert config.strategy[0].uri == BRIDGE_URI
+    shown = render_config(config)
+    assert "B" * 42 not in shown and "uri = " in shown
+    assert parse_config(render_config(config, mask_secrets=False), "again") == config
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "message"),
+    [
+        ('type = "bridge"\n', "strategy[0].uri", "needs uri"),
+        ('type = "bridge"\nuri = "https://x"\n', "strategy[0].uri", "sidestep://"),
+        (f'type = "bridge"\nuri = "{BRIDGE_URI[:-3]}"\n', "strategy[0].uri", "carrier"),
+        (f'type = "direct"\nuri = "{BRIDGE_URI}"\n', "strategy[0].uri", "only bridge"),
+        ('type = "direct"\ncafile = "ca.pem"\n', "strategy[0].cafile", "only bridge"),
+        (
+            f'type = "bridge"\nuri = "{BRIDGE_URI}"\nserver = "127.0.0.1:1"\n',
+            "strategy[0].server",
+            "no server",
+        ),
+        (
+            'type = "bridge"\nuri = "' + BRIDGE_URI.replace("raw", "ws") + '"\n',
+            "strategy[0].uri",
+            "path",
+        ),
+    ],
+)
+def test_bridge_strategy_config_errors_name_key_and_line(
+    body: str, where: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[strategy]]\nname = "b"\n{body}', "bad.toml")
+    err = str(info.value)
+    assert err.startswith("bad.toml:") and where in err and message in err, err
+    assert "B" * 42 not in err  # the secret never appears in an error
+    assert info.value.line is not None

@@ -6,17 +6,54 @@ config (unknown keys refused, errors name the key and its line).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from proxy.config import parse_listen
-from proxy.configschema import between, from_toml, not_empty, option
+from proxy.configschema import between, from_toml, not_empty, option, positive
 from proxy.errors import ConfigError
 
 
 def _check_listen(value: str) -> None:
     parse_listen(value)
+
+
+def _check_network(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network like 10.0.0.0/8 or fd00::/8") from None
+
+
+_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+)
+
+
+def _check_destination(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+        return
+    except ValueError:
+        pass
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is neither a network (10.0.0.0/8) nor a lowercase domain (example.org)"
+        )
+
+
+def _check_path(value: str) -> None:
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+        raise ValueError(f"{value[:40]!r} is not a path like /a1b2c3 (letters, digits, . _ ~ -)")
+
+
+def _check_delay(value: tuple[float, ...]) -> None:
+    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 600:
+        raise ValueError("must be [shortest, longest] seconds, 0 <= shortest <= longest <= 600")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +64,55 @@ class BridgeSection:
     listen: str = option(default="127.0.0.1:8443", check=_check_listen)
     #: seconds a client's clock may differ from ours before its hello is refused
     clock_window: int = option(default=120, check=between(10, 3600))
+    #: how clients reach the bridge: "raw" TCP, or "ws" (WebSocket on the secret ``path``)
+    carrier: Literal["raw", "ws"] = "raw"
+    #: ws: the secret path, as in the bridge URI (nginx forwards only this path)
+    path: str | None = option(default=None, check=_check_path)
+    #: ws standalone: certificate chain and key files, when the bridge terminates TLS itself
+    tls_certificate: str | None = option(default=None, check=not_empty)
+    tls_key: str | None = option(default=None, check=not_empty)
+    #: raw carrier: what the client sends before its hello (must match the bridge URI)
+    prefix: Literal["none", "ascii", "tls"] = "none"
+    #: seconds (shortest, longest) to keep reading a connection that failed the handshake
+    #: before closing it in silence
+    probe_close_delay: tuple[float, ...] = option(default=(10.0, 60.0), check=_check_delay)
+    #: new sessions one client address may open per minute (0: no limit)
+    sessions_per_minute: int = option(default=30, check=between(0, 100000))
+    #: most streams (connections) one session may carry at once
+    max_streams: int = option(default=1024, check=between(1, 65535))
+
+    def validate(self) -> None:
+        if self.carrier == "ws":
+            if self.path is None:
+                raise ConfigError('the ws carrier needs path = "/your-secret-path"', key="path")
+            if self.prefix != "none":
+                raise ConfigError("only the raw carrier takes a prefix", key="prefix")
+        else:
+            for key in ("path", "tls_certificate", "tls_key"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"only the ws carrier takes {key}", key=key)
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ConfigError("give both tls_certificate and tls_key, or neither", key="tls_key")
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationsSection:
+    """Where the bridge agrees to connect for its clients."""
+
+    #: loopback, private and link-local networks the bridge may still reach (refused otherwise)
+    allow_networks: tuple[str, ...] = option(default=(), each=_check_network)
+    #: when not empty, only these networks and domains (with their subdomains) are reachable
+    allow: tuple[str, ...] = option(default=(), each=_check_destination)
+    #: networks and domains (with their subdomains) never reached
+    deny: tuple[str, ...] = option(default=(), each=_check_destination)
+    #: seconds to connect to a destination
+    connect_timeout: float = option(default=10.0, check=positive)
 
 
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     bridge: BridgeSection = field(default_factory=BridgeSection)
+    destinations: DestinationsSection = field(default_factory=DestinationsSection)
 
     def identity_path(self, config_path: str | os.PathLike[str] | None) -> Path:
         """The identity file, relative paths taken from the config file's folder."""

@@ -9,12 +9,14 @@ it, so a warning that scrolls by is not enough.
 The bridge URI carries everything a client needs and nothing the server keeps private::
 
     sidestep://SHORTID@HOST:PORT[/PATH]?pk=PUBLIC&secret=SECRET&carrier=CARRIER[&front=F][&sni=S]
+                                                                            [&prefix=P]
 
 ``SHORTID`` is 16 hex digits, ``PUBLIC`` and ``SECRET`` are 32 bytes in unpadded base64url.
 Carrier ``raw`` dials ``HOST:PORT`` directly and has no path. The web carriers (``ws``,
 ``split``, ``poll``) reach ``https://HOST:PORT/PATH``, the secret location behind the web
 server; ``front`` is the innocuous name a CDN is dialled by (domain fronting) and ``sni`` the
-TLS server name to send when it is not the URL's host.
+TLS server name to send when it is not the URL's host. ``prefix`` (raw only: ``ascii`` or
+``tls``) shapes the first bytes the client sends, and must match the server's ``prefix``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ _NAME = re.compile(
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?"
 )
 _PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+/?")
-_QUERY_KEYS = ("pk", "secret", "carrier", "front", "sni")
+_QUERY_KEYS = ("pk", "secret", "carrier", "front", "sni", "prefix")
+PREFIX_KINDS = ("none", "ascii", "tls")
 
 
 def _b64(raw: bytes) -> str:
@@ -227,6 +230,7 @@ class BridgeURI:
     path: str = ""
     front: str | None = None
     sni: str | None = None
+    prefix: str = "none"
 
     def __post_init__(self) -> None:
         if len(self.short_id) != SHORT_ID_LEN:
@@ -247,6 +251,10 @@ class BridgeURI:
                 raise _uri_error("path", "the raw carrier dials HOST:PORT and takes no path")
             if self.front is not None:
                 raise _uri_error("front", "fronting needs a web carrier (ws, split or poll)")
+            if self.prefix not in PREFIX_KINDS:
+                raise _uri_error("prefix", f"{self.prefix[:20]!r} is not one of none, ascii, tls")
+        elif self.prefix != "none":
+            raise _uri_error("prefix", "only the raw carrier takes a prefix")
         elif not _PATH.fullmatch(self.path):
             raise _uri_error(
                 "path",
@@ -278,6 +286,8 @@ class BridgeURI:
             query += f"&front={self.front}"
         if self.sni is not None:
             query += f"&sni={self.sni}"
+        if self.prefix != "none":
+            query += f"&prefix={self.prefix}"
         path = quote(self.path, safe="/")
         return f"{SCHEME}://{self.short_id.hex()}@{self._authority()}{path}?{query}"
 
@@ -329,6 +339,7 @@ def parse_bridge_uri(text: str) -> BridgeURI:
         path=unquote(path),
         front=values.get("front"),
         sni=values.get("sni"),
+        prefix=values.get("prefix", "none"),
     )
 
 

@@ -43,6 +43,13 @@ def add_keygen_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--front", metavar="NAME", help="CDN front name for domain fronting")
     p.add_argument("--sni", metavar="NAME", help="TLS server name, when not the URL's host")
+    p.add_argument(
+        "--prefix",
+        choices=("none", "ascii", "tls"),
+        default="none",
+        help="raw carrier: first bytes shaped like text or a TLS record (set the same "
+        "`prefix` in the bridge's config)",
+    )
 
 
 def build_uri(
@@ -70,6 +77,7 @@ def build_uri(
         path=path,
         front=args.front,
         sni=args.sni,
+        prefix=getattr(args, "prefix", "none") or "none",
     )
 
 

@@ -8,7 +8,10 @@ secure DNS. It sends plaintext test queries whatever ``[dns] resolver`` says: th
 them.
 
 Exit status: 0 nothing found, 1 tampering or blocking found, 2 a usage or config error.
-``probe`` is a command group so other probes (``probe SITE``) can join ``dns`` later.
+
+``probe`` is a command group: ``probe dns`` lives here, ``probe SITE...`` (anything but ``dns``
+after ``probe``) in :mod:`proxy.checkcli`, which parses its own arguments and has its own exit
+statuses (:func:`proxy.cli.main` hands such a command line over before this parser sees it).
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ def add_probe_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     """Register ``probe`` (with its ``dns`` action) on the ``sidestep`` subcommands."""
     probe = sub.add_parser(
         "probe",
-        help="test the network now (probe dns: are resolvers lying or blocked?)",
-        description="Run censorship probes now and print what they found.",
+        help="test the network now: probe SITE... (through each strategy), probe dns",
+        description="Run censorship probes now and print what they found. "
+        "`sidestep probe SITE... [-c CONFIG] [--json] [--strategies A,B]` tries each site "
+        "through each strategy (see `sidestep probe SITE --help`); `sidestep probe dns` checks "
+        "the resolvers.",
     )
     probe_sub = probe.add_subparsers(dest="probe_command", metavar="PROBE")
     dns_p = probe_sub.add_parser(

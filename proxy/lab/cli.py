@@ -8,6 +8,10 @@
   lab's ISP resolver), fetches every scenario of :mod:`proxy.lab.scenarios` through it and prints
   one row per scenario. Exit status: 0 when every scenario got its content, 1 when some did not,
   2 for usage and config errors (or a lab that cannot start).
+* ``sidestep lab --probe SITE... [--profile P] [--config FILE] [--strategies A,B] [--json]``
+  starts the lab and runs ``sidestep probe`` inside it (:func:`probe_env`); a SITE without a
+  port gets the lab's. Exit status as for ``sidestep probe`` (0 direct, 1 circumvented, 2
+  unreachable, 3 config error), except 2 for a lab that cannot start or a clash with --check.
 
 Heavy imports wait until the command runs, so registering the parser costs nothing.
 """
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from proxy.detect.siteprobe import ProbeEnv
     from proxy.lab.scenarios import CheckReport
     from proxy.lab.world import Lab, LabPorts
 
@@ -53,8 +58,18 @@ def add_lab_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="with --check: how long each scenario may take (default: 5)",
+        help="with --check: how long each scenario may take; with --probe: each attempt "
+        "(default: 5)",
     )
+    p.add_argument(
+        "--probe",
+        nargs="+",
+        metavar="SITE",
+        help="run `sidestep probe SITE...` inside the lab (with --config, --strategies, --json); "
+        "exit status as for `sidestep probe`",
+    )
+    p.add_argument("--config", metavar="FILE", help="with --probe: the sidestep config")
+    p.add_argument("--strategies", metavar="A,B", help="with --probe: only these strategies")
     p.add_argument(
         "--high-ports",
         action="store_true",
@@ -73,8 +88,12 @@ def run_lab(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if name not in PROFILES:
             choices = ", ".join(PROFILES) + (", all" if args.check else "")
             return _usage(f"unknown profile {name!r}; choose one of {choices}")
+    if args.probe:
+        if args.check:
+            return _usage("--probe and --check are two different runs: choose one")
+        return _probe(args, wanted[0], HIGH_PORTS if args.high_ports else None)
     if args.json and not args.check:
-        return _usage("--json goes with --check")
+        return _usage("--json goes with --check or --probe")
     if not args.timeout > 0:
         return _usage("--timeout must be a positive number of seconds")
     ports = HIGH_PORTS if args.high_ports else None
@@ -224,6 +243,84 @@ def render_lab(lab: Lab) -> str:
         "",
     ]
     return "\n".join(header) + _table(rows) + "\n".join(tail) + config_fragment(lab)
+
+
+# --- lab --probe -------------------------------------------------------------------------------
+
+
+def probe_env(lab: Lab) -> ProbeEnv:
+    """Where ``sidestep probe``/``check`` run inside ``lab``: the config pointed into it
+    (:func:`~proxy.lab.scenarios.lab_config`, the DNS checks' own targets too), answers outside
+    the lab never dialled, each fragment piece read by the lab's censor on its own, and the
+    lab's ports for a SITE without one."""
+    from dataclasses import replace
+
+    from proxy.config import Config
+    from proxy.detect.siteprobe import ProbeEnv, ProbeSetup
+    from proxy.lab.scenarios import LabOnlyResolver, lab_config, pace_strategies
+
+    def prepare(config: Config) -> Config:
+        inside = lab_config(config, lab)
+        silent = f"{lab.silent_resolver[0]}:{lab.silent_resolver[1]}"
+        dns = replace(
+            inside.dns,
+            silent_server=silent,
+            check_cafile=str(lab.ca_file),
+            check_port=lab.ports.https,
+        )
+        return replace(inside, dns=dns)
+
+    def adapt(setup: ProbeSetup) -> None:
+        setup.resolver = LabOnlyResolver(setup.resolver)
+        table = {s.name: s for s in setup.strategies}
+        pace_strategies(table, lab)
+        setup.strategies = list(table.values())
+
+    return ProbeEnv(prepare, adapt, https_port=lab.ports.https, http_port=lab.ports.http)
+
+
+def _probe(args: argparse.Namespace, profile: str, ports: LabPorts | None) -> int:
+    """``sidestep lab --probe SITE...``: a lab under ``profile`` and the probe inside it, in
+    the same trio loop (the lab's censor and the probe's paced tricks wait on each other)."""
+    import trio
+
+    from proxy.checkcli import probe_parser, run_command
+    from proxy.config import load_config
+    from proxy.detect.siteprobe import EXIT_USAGE
+    from proxy.errors import ProxyError
+    from proxy.lab.world import open_lab
+
+    argv = [*args.probe] + (["--config", args.config] if args.config else [])
+    parsed = probe_parser().parse_args(argv)  # a bad SITE list exits 3 here
+    only = [s.strip() for s in (args.strategies or "").split(",") if s.strip()]
+    try:
+        config = load_config(parsed.config)
+    except ProxyError as exc:
+        print(f"sidestep lab: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def inside() -> int:
+        async with open_lab(profile, ports=ports) as lab:
+            return await run_command(
+                config,
+                parsed.sites,
+                as_json=args.json,
+                only=only,
+                timeout=args.timeout,
+                env=probe_env(lab),
+                out=sys.stdout,
+                err=sys.stderr,
+            )
+
+    try:
+        return trio.run(inside)
+    except ProxyError as exc:
+        print(f"sidestep lab: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        print(f"sidestep lab: cannot start the lab: {why} (try --high-ports)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # --- lab --check -------------------------------------------------------------------------------

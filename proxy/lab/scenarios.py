@@ -36,6 +36,7 @@ import h11
 import trio
 
 from proxy.app import App
+from proxy.bridge.identity import parse_bridge_uri
 from proxy.config import (
     Config,
     DnsEndpointConfig,
@@ -50,14 +51,16 @@ from proxy.lab.ca import LabCA
 from proxy.lab.origin import pattern_bytes
 from proxy.lab.profiles import Profile
 from proxy.lab.world import Lab, LabPorts, open_lab, reraise_single
+from proxy.net.stream import TcpStream
 from proxy.protocols import socks5
 from proxy.resolve.base import Resolver
 from proxy.routerconfig import StrategyConfig, split_server
+from proxy.strategies.fragment import FragmentStrategy
 
 __all__ = [
     "SCENARIOS", "CheckReport", "ConnectionLog", "Fetch", "LabOnlyResolver", "RunningSidestep",
     "Scenario", "ScenarioResult", "capture_connections", "fetch", "lab_config", "open_sidestep",
-    "run_check", "run_scenarios",
+    "pace_fragments", "pace_strategies", "run_check", "run_scenarios",
 ]  # fmt: skip
 
 Address = tuple[str, int]
@@ -501,6 +504,8 @@ def lab_config(config: Config, lab: Lab) -> Config:
         dns=dns,
         shutdown=shutdown,
         strategy=tuple(_inside_lab(s) for s in config.strategy),
+        # the status page on any free port, so it never competes with the user's own for 9099
+        web=replace(config.web, listen="127.0.0.1:0"),
     )
     return _private_state(checked, lab)
 
@@ -514,6 +519,16 @@ def _inside_lab(strategy: StrategyConfig) -> StrategyConfig:
     """Upstream proxies on loopback keep their address; others cannot be reached from the lab."""
     if strategy.type == "direct":
         return strategy
+    if strategy.type == "bridge" and strategy.uri:
+        # a bridge out there cannot be reached from the lab either: dial nowhere instead
+        uri = parse_bridge_uri(strategy.uri)
+        try:
+            if ipaddress.ip_address(uri.host).is_loopback:
+                return strategy
+        except ValueError:
+            pass  # a name: not in the lab
+        host, port = split_server(OUTSIDE_LAB)
+        return replace(strategy, uri=str(replace(uri, host=host, port=port)))
     server = strategy.server or ("127.0.0.1:9050" if strategy.type == "tor" else None)
     if server is None or ipaddress.ip_address(split_server(server)[0]).is_loopback:
         return strategy
@@ -587,12 +602,49 @@ class RunningSidestep:
     connections: ConnectionLog
 
 
+#: longest wait for the lab's censor to read one piece of a fragmented first flight
+LAB_PIECE_WAIT = 1.0
+
+
+def pace_fragments(app: App, lab: Lab) -> None:
+    """Let the lab's censor read each piece of a fragmented first flight on its own.
+
+    A real censor sees packets, so pieces sent as separate TCP segments stay separate for it.
+    The lab's middlebox reads a socket in this same process: if the next piece were written
+    before it had its turn, one read would return both and the split would be invisible to it.
+    Each fragment strategy therefore waits, after each piece, until the middlebox in front of
+    the address it dialled has read that piece (at most :data:`LAB_PIECE_WAIT` seconds; a
+    connection to an address with no middlebox does not wait).
+    """
+    router = app.dispatcher.router
+    if router is not None:
+        pace_strategies(router.strategies, lab)
+
+
+def pace_strategies(strategies: dict[str, Any], lab: Lab) -> None:
+    """:func:`pace_fragments` for a table of strategies by name (``sidestep lab --probe``)."""
+
+    async def piece_read(stream: TcpStream, piece: int) -> None:
+        peer = stream.socket.getpeername()
+        box = lab.middleboxes.get((peer[0], peer[1]))
+        if box is None:
+            return
+        with trio.move_on_after(LAB_PIECE_WAIT):
+            flow = await box.flow_from(stream.socket.getsockname()[1])
+            await flow.wait_segments(piece + 1)
+
+    for name, strategy in strategies.items():
+        if isinstance(strategy, FragmentStrategy) and strategy.after_piece is None:
+            strategies[name] = replace(strategy, after_piece=piece_read)
+
+
 @asynccontextmanager
 async def open_sidestep(lab: Lab, config: Config | None = None) -> AsyncIterator[RunningSidestep]:
     """Run sidestep with ``config`` (default: the embedded one) pointed into ``lab``
     (:func:`lab_config`, and :class:`LabOnlyResolver` so it never dials out of the lab)."""
     app = App(lab_config(config or default_config(), lab))
     app.dispatcher.resolver = LabOnlyResolver(app.dispatcher.resolver)
+    pace_fragments(app, lab)
     with capture_connections() as connections:
         try:
             async with trio.open_nursery() as nursery:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -70,12 +70,13 @@ from proxy.net.monitor import Baseline, Degradation, LinkMonitor, RecordTracker
 from proxy.net.relay import relay
 from proxy.net.stream import TcpStream
 from proxy.resolve.base import Resolver
-from proxy.route.control import judge_attempts
+from proxy.route.control import judge_attempts, probe_address
 from proxy.route.firstflight import FirstFlight, read_first_flight
 from proxy.route.policy import (
     FIRST_RESPONSE_READ,
     AllFailed,
     AttemptRecord,
+    EarlyDial,
     Resolve,
     Winner,
     dials_target,
@@ -84,6 +85,8 @@ from proxy.route.policy import (
 )
 from proxy.route.router import Decision, Router
 from proxy.status import ConnectionRegistry, LiveConnection
+from proxy.strategies.direct import DirectStrategy
+from proxy.strategies.fragment import FragmentStrategy
 
 log = logging.getLogger("sidestep.conn")
 
@@ -168,12 +171,23 @@ class Dispatcher:
         if self.router is not None:
             decision = self.router.decide(request.target, request.inbound)
             if not decision.plain_direct:
-                await self._tunnel_policy(request, replier, decision)
+                # the nursery runs the early connection of a policy that starts with direct
+                async with trio.open_nursery() as nursery:
+                    await self._tunnel_policy(request, replier, decision, nursery)
                 return
         await self._tunnel_direct(request, replier)
 
-    async def _tunnel_policy(self, request: Request, replier: Replier, decision: Decision) -> None:
-        """Steps 2-6 with a policy: optimistic reply, first flight, attempts with replay."""
+    async def _tunnel_policy(
+        self, request: Request, replier: Replier, decision: Decision, nursery: trio.Nursery
+    ) -> None:
+        """Steps 2-6 with a policy: optimistic reply, first flight, attempts with replay.
+
+        When the first strategy dials the target itself (``direct``, a ``fragment`` variant; the
+        memory may have put one first), its connection opens in ``nursery`` while the
+        client is told "connected" and sends its first flight (:class:`EarlyDial`). When every
+        strategy of the policy dials the target itself, the client is only answered once that
+        connection is open, so a refused or unreachable address gets the protocol's own error.
+        """
         assert self.router is not None
         start = trio.current_time()
         self.active += 1
@@ -190,6 +204,7 @@ class Dispatcher:
             return await self.resolve(target.host, decision.resolver)
 
         resolve = resolve_once(lookup)
+        early: EarlyDial | None = None
         try:
             if target.ip is None and not any(x.remote_dns for x in decision.strategies):
                 # every way out needs the address: a name that does not resolve gets the
@@ -201,6 +216,24 @@ class Dispatcher:
                     verdict = "-"
                     await _quietly(replier.fail(exc))
                     return
+            strategies = decision.strategies
+            first = strategies[0]
+            if isinstance(first, DirectStrategy | FragmentStrategy):
+                early = EarlyDial(first, target, resolve)
+                strategies = (early, *strategies[1:])
+                if not all(dials_target(s) for s in strategies):
+                    nursery.start_soon(early.run)
+                else:
+                    # every way out dials this address, so none can help when it refuses us:
+                    # connect first, and a failure reaches the client as the protocol's own
+                    # error, as on the plain path (the built-in fragment policy)
+                    await early.run()
+                    error = await early.wait()
+                    if error is not None:
+                        strategy = first.name
+                        outcome, verdict = f"{_kind(error)}: {error}", "-"
+                        await _quietly(replier.fail(error))
+                        return
             # The client must send its first flight before any strategy can be judged, so the
             # answer is "connected" now; a failure later is a clean close.
             await replier.succeed(None)
@@ -209,12 +242,13 @@ class Dispatcher:
             try:
                 winner = await run_policy(
                     decision.policy,
-                    decision.strategies,
+                    strategies,
                     target,
                     resolve,
                     flight.data,
                     tls=flight.hello is not None,
                     direct=self.router.strategies["direct"],
+                    address_answers=self._address_check(target, resolve, flight),
                 )
                 if flight.data and not winner.response:
                     await self._await_answer(winner)
@@ -264,6 +298,8 @@ class Dispatcher:
         except ProxyError as exc:
             outcome = f"{_kind(exc)}: {exc}"
         finally:
+            if early is not None:
+                await early.aclose()
             self.active -= 1
             self.status.close(
                 live, strategy=strategy, up=up, down=down, outcome=outcome, verdict=verdict
@@ -281,6 +317,24 @@ class Dispatcher:
                 policy=decision.policy.name,
                 verdict=verdict,
             )
+
+    def _address_check(
+        self, target: Target, resolve: Resolve, flight: FirstFlight
+    ) -> Callable[[], Awaitable[bool]]:
+        """The neutral-name control of the target's first address, for :func:`run_policy`."""
+        router = self.router
+        assert router is not None
+        timeout = router.control_timeout
+
+        async def answers() -> bool:
+            try:
+                addresses = await resolve()
+            except ResolveError:
+                return False
+            tls = flight.hello is not None
+            return await probe_address(addresses[0], target.port, tls=tls, timeout=timeout)
+
+        return answers
 
     async def _await_answer(self, winner: Winner) -> None:
         """Wait for the first answer of a winner that was not judged (the last strategy of a
@@ -349,8 +403,11 @@ class Dispatcher:
         if flight.hello is not None:
             records = RecordTracker()
             records.feed(winner.response)
-        key = (router.network, winner.strategy)
-        baseline = self.baselines.setdefault(key, Baseline())
+        # the fragment variants travel the plain path once the hello is through: they share
+        # its baseline (what they reach is not slower for being re-framed)
+        strategy = next((s for s in decision.strategies if s.name == winner.strategy), None)
+        path = "direct" if strategy is not None and dials_target(strategy) else winner.strategy
+        baseline = self.baselines.setdefault((router.network, path), Baseline())
         return LinkMonitor(
             settings,
             trio.current_time(),
@@ -408,9 +465,17 @@ class Dispatcher:
         attempts: Sequence[AttemptRecord],
         worked: str | None,
     ) -> None:
-        """Record now, or after a background control check when there is one to make."""
+        """Record now, or after a background control check when there is one to make.
+
+        Nothing is recorded when the policy's own first choice got through at once: it teaches
+        nothing the configured order does not already say, and the memory (a file on disk)
+        must not become a list of every site the user visits.
+        """
         router = self.router
         assert router is not None
+        first = decision.policy.strategies[0]
+        if not attempts and worked == first and decision.strategies[0].name == first:
+            return
         if self.probes is None or not router.to_check(attempts, worked):
             router.record(decision, target, sni, attempts, worked)
             return

@@ -20,7 +20,9 @@ Two rules keep a policy from cycling through tricks that cannot help:
 * once a strategy that dials the target itself (``direct`` or a ``fragment`` variant) could not
   even open the connection or resolve the name, the other such strategies are skipped as well:
   they differ only in how the first flight is framed, so they would fail the same way, each
-  after its own timeout. Upstream proxies are still tried (``fallback`` mode).
+  after its own timeout. The same holds when such an attempt met silence and the address
+  does not answer an innocuous request either (the server is down, not the name censored).
+  Upstream proxies are still tried (``fallback`` mode).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from typing import Literal
 import trio
 
 from proxy.detect.outcome import Outcome, judge_first_response, outcome_of_connect_error
-from proxy.errors import ProxyError, ResolveError, UpstreamError
+from proxy.errors import ConnectTimeout, ProxyError, ResolveError, UpstreamError
 from proxy.inbound.base import IPAddress, Target
+from proxy.net.dial import open_tcp
+from proxy.net.stream import TcpStream
 from proxy.strategies.base import Strategy
 from proxy.strategies.direct import DirectStrategy
 from proxy.strategies.fragment import FragmentStrategy, NotApplicable
@@ -113,6 +117,8 @@ class _AttemptFailed(Exception):
 
 
 Resolve = Callable[[], Awaitable[Sequence[IPAddress]]]
+#: does the target's address answer a request for an innocuous name? (a control)
+AddressCheck = Callable[[], Awaitable[bool]]
 
 
 async def attempt(
@@ -185,11 +191,17 @@ async def run_policy(
     *,
     tls: bool,
     direct: Strategy | None = None,
+    address_answers: AddressCheck | None = None,
 ) -> Winner:
     """Try ``strategies`` (already ordered, e.g. by learned memory) as ``policy`` says.
 
     With ``on_all_failed = "direct"`` and a ``direct`` strategy given, a plain connection is
     tried last when every strategy failed (and was not itself a direct one).
+
+    ``address_answers`` is the neutral-name control of the target's address
+    (:func:`proxy.route.control.probe_address`): in ``fallback`` mode, when an attempt that
+    dialled the target met silence after its first flight, it is asked once whether the server
+    answers at all; if not, the site is down and the other strategies that dial it are skipped.
     """
     try:
         if policy.mode == "race" and len(strategies) > 1:
@@ -197,7 +209,15 @@ async def run_policy(
             if len(usable) > 1:
                 return await _race(policy, usable, target, resolve, first_flight, tls=tls)
             strategies = usable
-        return await _fallback(policy, strategies, target, resolve, first_flight, tls=tls)
+        return await _fallback(
+            policy,
+            strategies,
+            target,
+            resolve,
+            first_flight,
+            tls=tls,
+            address_answers=address_answers,
+        )
     except AllFailed as exc:
         if policy.on_all_failed != "direct" or direct is None:
             raise
@@ -228,9 +248,11 @@ async def _fallback(
     first_flight: bytes,
     *,
     tls: bool,
+    address_answers: AddressCheck | None = None,
 ) -> Winner:
     records: list[AttemptRecord] = []
     cause: BaseException | None = None
+    checked = False
     # applicability is checked lazily, one candidate ahead (enough to know which one is last):
     # when the first strategy gets through, the tricks behind it cost nothing
     pending = _usable_ahead(list(strategies), first_flight)
@@ -253,13 +275,115 @@ async def _fallback(
         except _AttemptFailed as exc:
             records.append(exc.record)
             cause = exc.cause
-            if exc.record.outcome in UNREACHED and dials_target(strategy):
+            outcome = exc.record.outcome
+            if not dials_target(strategy) or not any(dials_target(s) for s in pending):
+                continue
+            unreached = outcome in UNREACHED
+            if (
+                not unreached
+                and outcome is Outcome.TIMEOUT_AFTER_FIRST_FLIGHT
+                and address_answers is not None
+                and not checked
+            ):
+                # silence: a censor swallowing the name, or a server that answers nobody
+                checked = True
+                unreached = not await address_answers()
+            if unreached:
                 others = [s for s in pending if not dials_target(s)]
                 pending = _usable_ahead(others, first_flight)
             continue
         winner.attempts = records
         return winner
     raise AllFailed(_summary(policy, records), records, cause)
+
+
+class EarlyDial:
+    """A strategy that dials the target (``direct`` or a ``fragment`` variant) whose
+    connection is opened before the first flight is known.
+
+    The dispatcher answers the client "connected" at once and then waits for its first flight;
+    when the policy starts with such a strategy, the TCP connection to the target can be opened
+    in that same moment (:meth:`run`) instead of after it, which takes the connect off the time
+    to first byte. An :class:`EarlyDial` stands in for that strategy in the list given to
+    :func:`run_policy`: its :meth:`connect` takes the early connection (or raises the error that
+    opening it met) and sends the first flight as the strategy would. Whoever started
+    :meth:`run` calls :meth:`aclose` when done, which closes a connection nobody took.
+    """
+
+    def __init__(
+        self, strategy: DirectStrategy | FragmentStrategy, target: Target, resolve: Resolve
+    ) -> None:
+        self.strategy = strategy
+        self.name = strategy.name
+        self.remote_dns = False
+        self.target = target
+        self.resolve = resolve
+        self._done = trio.Event()
+        self._scope = trio.CancelScope()
+        self._stream: TcpStream | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+
+    async def run(self) -> None:
+        """Open the connection; never raises (an error is kept for :meth:`connect`), ends
+        early when :meth:`aclose` is called first."""
+        s = self.strategy
+        with self._scope:
+            try:
+                addresses = await self.resolve()
+                self._stream = await open_tcp(
+                    addresses,
+                    self.target.port,
+                    attempt_delay=s.happy_eyeballs_delay,
+                    timeout=s.connect_timeout,
+                )
+            except (ProxyError, OSError, trio.BrokenResourceError) as exc:
+                self._error = exc
+            finally:
+                self._done.set()
+        if self._scope.cancelled_caught and self._error is None:
+            self._error = ConnectTimeout("the early connection was abandoned")
+
+    async def wait(self) -> BaseException | None:
+        """Wait until the connection is open (None) or failed (the error)."""
+        await self._done.wait()
+        return self._error
+
+    async def connect(
+        self, target: Target, addresses: Sequence[IPAddress], first_flight: bytes
+    ) -> trio.abc.HalfCloseableStream:
+        if self._taken:  # asked a second time: an ordinary connection
+            return await self.strategy.connect(target, addresses, first_flight)
+        self._taken = True
+        try:
+            await self._done.wait()
+        except BaseException:  # the attempt timed out or was cancelled: stop dialling too
+            self._scope.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        stream, self._stream = self._stream, None
+        assert stream is not None  # run() ended without an error
+        if isinstance(self.strategy, FragmentStrategy):
+            try:
+                await self.strategy.send_over(stream, first_flight)
+            except NotApplicable:
+                await trio.aclose_forcefully(stream)
+                raise
+        elif first_flight:
+            try:
+                await stream.send_all(first_flight)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        return stream
+
+    async def aclose(self) -> None:
+        """Stop dialling, and close the early connection if no attempt took it."""
+        self._scope.cancel()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
 
 
 def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy]:
@@ -273,18 +397,14 @@ def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy
 def applies(strategy: Strategy, first_flight: bytes) -> bool:
     """Whether ``strategy`` has something to do with ``first_flight`` (see the module
     docstring): False only for a ``fragment`` variant with nothing to re-frame in it."""
-    if not isinstance(strategy, FragmentStrategy):
-        return True
-    try:
-        strategy.segments_for(first_flight)
-    except NotApplicable:
-        return False
-    return True
+    if isinstance(strategy, EarlyDial):
+        strategy = strategy.strategy
+    return not isinstance(strategy, FragmentStrategy) or strategy.applies_to(first_flight)
 
 
 def dials_target(strategy: Strategy) -> bool:
     """Whether ``strategy`` connects to the target's own addresses (no proxy in between)."""
-    return isinstance(strategy, DirectStrategy | FragmentStrategy)
+    return isinstance(strategy, DirectStrategy | FragmentStrategy | EarlyDial)
 
 
 async def _race(

@@ -90,6 +90,13 @@ def build_strategy(cfg: StrategyConfig, direct: DirectStrategy) -> Strategy:
             happy_eyeballs_delay=direct.happy_eyeballs_delay,
         )
     timeout = direct.connect_timeout
+    if cfg.type == "bridge":
+        from proxy.bridge.identity import parse_bridge_uri
+        from proxy.strategies.bridge import BridgeStrategy
+
+        assert cfg.uri is not None  # checked by StrategyConfig.validate
+        uri = parse_bridge_uri(cfg.uri)
+        return BridgeStrategy(cfg.name, uri, connect_timeout=timeout, cafile=cfg.cafile)
     if cfg.type == "tor":
         server = split_server(cfg.server) if cfg.server else ("127.0.0.1", 9050)
         return tor_strategy(

@@ -20,6 +20,7 @@ it unchanged would only repeat ``direct``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,7 +31,8 @@ from proxy.errors import UpstreamError
 from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
 from proxy.net.segments import Segment, send_segments
-from proxy.protocols.splits import FragmentPolicy, plan_fragments
+from proxy.net.stream import TcpStream
+from proxy.protocols.splits import FragmentPlan, FragmentPolicy, plan_fragments
 
 __all__ = ["FragmentStrategy", "Method", "NotApplicable"]
 
@@ -60,17 +62,25 @@ class FragmentStrategy:
     #: longest wait for the kernel to transmit one piece before writing the next
     drain_timeout: float = 0.5
     remote_dns: bool = False
-    #: tests only: awaited between pieces (see :func:`proxy.net.segments.send_segments`)
-    after_piece: Callable[[int], Awaitable[None]] | None = field(
+    #: tests and the lab only: ``after_piece(stream, i)`` is awaited once piece ``i`` has left,
+    #: before the next one (see :func:`proxy.net.segments.send_segments`)
+    after_piece: Callable[[TcpStream, int], Awaitable[None]] | None = field(
         default=None, compare=False, repr=False
     )
+
+    def applies_to(self, first_flight: bytes) -> bool:
+        """Whether this strategy has something to change in ``first_flight`` (cheap: no
+        exception is built when it has not)."""
+        return bool(first_flight) and self._usable(plan_fragments(first_flight, self.policy))
+
+    def _usable(self, plan: FragmentPlan) -> bool:
+        return plan.changed and len(plan.pieces) >= (2 if self.method != "split" else 1)
 
     def segments_for(self, first_flight: bytes) -> list[Segment]:
         """The pieces this strategy sends for ``first_flight``; raises :class:`NotApplicable`."""
         plan = plan_fragments(first_flight, self.policy)
         pieces = list(plan.pieces)
-        needs = 2 if self.method != "split" else 1
-        if not plan.changed or len(pieces) < needs:
+        if not self._usable(plan):
             raise NotApplicable(
                 f"strategy {self.name!r} has nothing to re-frame in this first flight "
                 f"({plan.protocol}, {len(first_flight)} bytes)"
@@ -92,15 +102,25 @@ class FragmentStrategy:
             attempt_delay=self.happy_eyeballs_delay,
             timeout=self.connect_timeout,
         )
+        await self._send(stream, segments)
+        return stream
+
+    async def send_over(self, stream: TcpStream, first_flight: bytes) -> None:
+        """Send ``first_flight`` re-framed over ``stream``, a connection to the target opened
+        beforehand (:class:`~proxy.route.policy.EarlyDial`); closes it when that fails. Raises
+        :class:`NotApplicable` (leaving the stream open) when there is nothing to re-frame."""
+        await self._send(stream, self.segments_for(first_flight))
+
+    async def _send(self, stream: TcpStream, segments: list[Segment]) -> None:
+        hook = self.after_piece
         try:
             await send_segments(
                 stream,
                 segments,
                 delay=self.delay,
                 drain_timeout=self.drain_timeout,
-                after_piece=self.after_piece,
+                after_piece=None if hook is None else functools.partial(hook, stream),
             )
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return stream

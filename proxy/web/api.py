@@ -59,6 +59,7 @@ def build_status(
         "version": __version__,
         "network": network,
         "time": format_time(now),
+        "timestamp": round(now, 3),
         "started": format_time(started),
         "uptime": round(max(0.0, now - started), 3),
         "connections": connections.snapshot(clock_now),

@@ -88,9 +88,10 @@ _LANE = 26
 _AXIS = 34
 
 
-def render_timeline(events: Sequence[Mapping[str, Any]]) -> str:
+def render_timeline(events: Sequence[Mapping[str, Any]], now: float | None = None) -> str:
     """An SVG chart of ``events`` (status-document evidence events, with ``ts`` and
-    ``outcome``): one lane per verdict, one dot per event at its time, a time axis below."""
+    ``outcome``): one lane per verdict, one dot per event at its time, a time axis below that
+    ends at ``now`` (or the last event) and spans at least a minute."""
     if not events:
         return (
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="40" '
@@ -99,9 +100,11 @@ def render_timeline(events: Sequence[Mapping[str, Any]]) -> str:
         )
     verdicts = sorted({str(e["outcome"]) for e in events})
     lanes = {v: i for i, v in enumerate(verdicts)}
-    start = min(float(e["ts"]) for e in events)
     end = max(float(e["ts"]) for e in events)
-    span = max(end - start, 60.0)
+    if now is not None:
+        end = max(end, now)
+    start = min(min(float(e["ts"]) for e in events), end - 60.0)
+    span = end - start
     plot = _WIDTH - _LEFT - _RIGHT
     height = _TOP + _LANE * len(verdicts) + _AXIS
 
@@ -126,9 +129,10 @@ def render_timeline(events: Sequence[Mapping[str, Any]]) -> str:
     for k in range(5):
         ts = start + span * k / 4
         x = x_of(ts)
+        anchor = {0: "start", 4: "end"}.get(k, "middle")
         parts.append(
             f'<line x1="{x}" y1="{axis_y}" x2="{x}" y2="{axis_y + 5}" class="axis"/>'
-            f'<text x="{x}" y="{axis_y + 20}" text-anchor="middle" class="tick">'
+            f'<text x="{x}" y="{axis_y + 20}" text-anchor="{anchor}" class="tick">'
             f"{text(_tick_label(ts, span))}</text>"
         )
     for event in sorted(events, key=lambda e: float(e["ts"])):
@@ -193,7 +197,7 @@ def render_status_page(status: Mapping[str, Any]) -> str:
         "</div>",
         _connections(status["connections"]),
         _sites(status["learned"], status["network"]),
-        _evidence(status["evidence"]),
+        _evidence(status["evidence"], status["timestamp"]),
         _resolver(dns),
         _outcomes(totals),
     ]
@@ -286,9 +290,9 @@ def _sites(learned: Sequence[Mapping[str, Any]], network: str) -> str:
     return _section("sites", "Sites: verdicts and the strategy that works", table)
 
 
-def _evidence(evidence: Mapping[str, Any]) -> str:
+def _evidence(evidence: Mapping[str, Any], now: float) -> str:
     events = evidence["events"]
-    parts = [f'<div class="timeline">{render_timeline(events)}</div>']
+    parts = [f'<div class="timeline">{render_timeline(events, now)}</div>']
     if evidence.get("error"):
         parts.append(f'<p class="bad">{text(evidence["error"])}</p>')
     if events:

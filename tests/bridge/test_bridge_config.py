@@ -38,6 +38,36 @@ def test_bridge_config_relative_identity_is_beside_the_config(tmp_path: Path) ->
             '[bridge]\nlisen = "127.0.0.1:1"\n',
             "t.toml:2: bridge.lisen: unknown key (did you mean 'listen'?)",
         ),
+        ('[bridge]\nprefix = "http"\n', 't.toml:2: bridge.prefix: must be one of "none"'),
+        (
+            "[bridge]\nprobe_close_delay = [5.0, 1.0]\n",
+            "t.toml:2: bridge.probe_close_delay: must be [shortest, longest] seconds",
+        ),
+        (
+            "[bridge]\nsessions_per_minute = -1\n",
+            "t.toml:2: bridge.sessions_per_minute: must be between 0 and 100000",
+        ),
+        ("[bridge]\nmax_streams = 0\n", "t.toml:2: bridge.max_streams: must be between 1"),
+        (
+            '[destinations]\nallow_networks = ["10.0.0.0/33"]\n',
+            "t.toml:2: destinations.allow_networks[0]: '10.0.0.0/33' is not a network",
+        ),
+        (
+            '[destinations]\ndeny = ["Not A Name"]\n',
+            "t.toml:2: destinations.deny[0]: 'Not A Name' is neither a network",
+        ),
+        ("[destinations]\nconnect_timeout = 0\n", "t.toml:2: destinations.connect_timeout:"),
+        ('[bridge]\ncarrier = "ws"\n', "t.toml:1: bridge.path: the ws carrier needs path"),
+        ('[bridge]\npath = "/abc"\n', "t.toml:2: bridge.path: only the ws carrier takes path"),
+        ('[bridge]\ncarrier = "ws"\npath = "abc"\n', "t.toml:3: bridge.path: 'abc' is not"),
+        (
+            '[bridge]\ncarrier = "ws"\npath = "/a"\nprefix = "tls"\n',
+            "t.toml:4: bridge.prefix: only the raw carrier takes a prefix",
+        ),
+        (
+            '[bridge]\ncarrier = "ws"\npath = "/a"\ntls_key = "k.pem"\n',
+            "t.toml:4: bridge.tls_key: give both",
+        ),
     ],
 )
 def test_bridge_config_bad_values_name_key_and_line(text: str, expected: str) -> None:

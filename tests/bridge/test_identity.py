@@ -149,6 +149,7 @@ def uris(draw: st.DrawFn) -> BridgeURI:
         path=draw(paths) if web else "",
         front=draw(st.none() | names) if web else None,
         sni=draw(st.none() | names),
+        prefix="none" if web else draw(st.sampled_from(["none", "ascii", "tls"])),
     )
 
 
@@ -238,6 +239,18 @@ def test_bridge_uri_raw_carrier_cannot_be_fronted() -> None:
             port=443,
             front="cdn.example",
         )
+
+
+@pytest.mark.parametrize(
+    ("carrier", "prefix", "message"),
+    [("raw", "http", "prefix: 'http' is not one of"), ("ws", "tls", "only the raw carrier")],
+)
+def test_bridge_uri_prefix_is_raw_only_and_known(carrier: str, prefix: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BridgeURI(
+            short_id=bytes(8), public_key=bytes(32), secret=bytes(32), carrier=carrier,
+            host="192.0.2.1", port=443, path="/a" if carrier == "ws" else "", prefix=prefix,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------- sidestep keygen

@@ -47,22 +47,26 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.toml")
 
 PROFILES = ("none", "ru-2021", "ru-tspu", "ru-2025", "cn", "ir", "allowlist")
+#: the default policy ("fragment") gets through first-record inspection with its first trick
+TRICK = "pass/tls-record-split"
+# cn "front" shares its address with "backend": the residual block that backend's tricks run
+# into is logged without a name, so the lab's record for front holds it too (front still passes)
 # fmt: off
 TABLE: dict[str, tuple[str, ...]] = {
     #                none    ru-2021     ru-tspu         ru-2025         cn             ir           allowlist
     "open":         ("pass", "pass",     "pass",         "pass",         "pass",        "pass",      "pass"),
     "open-http":    ("pass", "pass",     "pass",         "pass",         "pass",        "pass",      "pass"),
     "open-large":   ("pass", "pass",     "pass",         "pass",         "pass",        "pass",      "pass"),
-    "blocked":      ("pass", "pass",     "reset",        "reset",        "inject_race", "bogon",     "timeout"),
-    "twitter":      ("pass", "throttle", "blackhole",    "blackhole",    "inject_race", "bogon",     "timeout"),
+    "blocked":      ("pass", "pass",     TRICK,          TRICK,          "inject_race", "bogon",     "timeout"),
+    "twitter":      ("pass", "throttle", TRICK,          TRICK,          "inject_race", "bogon",     "timeout"),
     "microsoft":    ("pass", "throttle", "pass",         "pass",         "pass",        "pass",      "timeout"),
     "throttled":    ("pass", "throttle", "throttle",     "throttle",     "pass",        "pass",      "timeout"),
     "frozen":       ("pass", "pass",     "pass",         "freeze_after", "pass",        "pass",      "timeout"),
     "ip-blocked":   ("pass", "pass",     "refuse",       "refuse",       "drop_syn",    "blackhole", "timeout"),
     "poisoned":     ("pass", "pass",     "blockpage_ip", "blockpage_ip", "inject_race", "bogon",     "timeout"),
     "http-blocked": ("pass", "pass",     "redirect",     "redirect",     "reset",       "blockpage", "timeout"),
-    "front":        ("pass", "pass",     "pass",         "pass",         "pass",        "pass",      "pass"),
-    "backend":      ("pass", "pass",     "reset",        "reset",        "reset",       "blackhole", "timeout"),
+    "front":        ("pass", "pass",     "pass",         "pass",         "pass/direct", "pass",      "pass"),
+    "backend":      ("pass", "pass",     TRICK,          TRICK,          "reset",       "blackhole", "timeout"),
 }
 # fmt: on
 
@@ -78,7 +82,9 @@ def check_cell(cell: str, result: ScenarioResult) -> None:
     )
     if cell == "pass" or cell.startswith("pass/"):
         assert result.passed, shown
-        assert result.strategy == (cell.partition("/")[2] or "direct"), shown
+        # the strategy that got through ("tls-record-split (after direct: sni-reset)")
+        strategy = result.strategy.partition(" (after ")[0]
+        assert strategy == (cell.partition("/")[2] or "direct"), shown
         if cell == "pass":
             assert result.lab_actions == (), shown
     else:
@@ -183,9 +189,12 @@ def test_check_fails_under_tspu_but_the_control_passes() -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     table = rows(result.stdout)
     assert "  pass  " in table["open"]
-    for censored in ("blocked", "twitter", "ip-blocked", "backend"):
+    for censored in ("twitter", "ip-blocked", "poisoned"):
         assert "  FAIL  " in table[censored], table[censored]
-    assert "reset [tspu-reset]" in table["blocked"]
+    # the default policy's first trick gets through the reset (the blackhole takes longer
+    # than this check's 2 s: the plain attempt waits 4 s before the trick)
+    assert "reset [tspu-reset]" in table["blocked"] and "  pass  " in table["blocked"]
+    assert "tls-record-split (after direct: sni-reset)" in table["blocked"]
 
 
 def test_check_json_document() -> None:

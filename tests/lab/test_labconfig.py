@@ -60,3 +60,34 @@ async def test_lab_config_keeps_every_part_of_auto_dns_inside_the_lab(lab: Lab) 
     lab_ips = {ip for ep in lab.doh_endpoints for ip in ep.bootstrap}
     for ep in dns.endpoints:
         assert set(ep.bootstrap) <= lab_ips
+
+
+async def test_lab_config_sends_a_bridge_out_there_nowhere(lab: Lab) -> None:
+    from proxy.bridge.identity import BridgeURI, generate_identity, parse_bridge_uri
+
+    ident = generate_identity()
+
+    def uri(host: str, port: int) -> str:
+        return str(
+            BridgeURI(
+                short_id=ident.short_id,
+                public_key=ident.public_key,
+                secret=ident.secret,
+                carrier="raw",
+                host=host,
+                port=port,
+            )
+        )
+
+    real, local = uri("bridge.example.net", 443), uri("127.80.0.1", 4433)
+    config = parse_config(
+        f'[[strategy]]\nname = "far"\ntype = "bridge"\nuri = "{real}"\n'
+        f'[[strategy]]\nname = "near"\ntype = "bridge"\nuri = "{local}"\n',
+        "t",
+    )
+    far, near = lab_config(config, lab).strategy
+    assert far.uri is not None and near.uri == local
+    mapped = parse_bridge_uri(far.uri)
+    assert f"{mapped.host}:{mapped.port}" == OUTSIDE_LAB
+    assert mapped.secret == ident.secret  # only where it dials changed
+    assert ident.secret.hex() not in repr(far) and "secret" not in repr(far).lower()

@@ -16,7 +16,7 @@ from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
 from proxy.protocols.splits import FragmentPolicy, SplitPoint
 from proxy.protocols.tls_hello import build_client_hello
-from proxy.route.policy import AllFailed, Policy, resolve_once, run_policy
+from proxy.route.policy import AllFailed, EarlyDial, Policy, resolve_once, run_policy
 from proxy.strategies.direct import DirectStrategy
 from proxy.strategies.fragment import FragmentStrategy
 
@@ -300,3 +300,104 @@ async def test_policy_tries_every_trick_after_a_reset(nursery: trio.Nursery) -> 
     async with winner.stream:
         assert winner.strategy == "proxy"
         assert [a.strategy for a in winner.attempts] == ["direct", "tls-split"]
+
+
+async def test_policy_skips_same_address_tricks_when_a_silent_address_fails_the_control(
+    nursery: trio.Nursery,
+) -> None:
+    # silence after the hello, and the address does not answer an innocuous name either: the
+    # server is down, so the tricks are not tried (each would wait out its own timeout)
+    quiet = await serve(nursery, silent)
+    good = await serve(nursery, answers)
+    asked = 0
+
+    async def dead() -> bool:
+        nonlocal asked
+        asked += 1
+        return False
+
+    policy = Policy("p", (), attempt_timeout=0.5)
+    strategies = [DirectStrategy(), tls_split("a"), tls_split("b"), Fixed("proxy", good)]
+    with trio.fail_after(5):
+        winner = await run_policy(
+            policy, strategies, Target("site.lab", quiet), loopback, HELLO, tls=True,
+            address_answers=dead,
+        )  # fmt: skip
+    async with winner.stream:
+        assert winner.strategy == "proxy"
+        assert [a.strategy for a in winner.attempts] == ["direct"]
+        assert asked == 1
+
+
+async def test_policy_tries_the_tricks_when_a_silent_address_answers_the_control(
+    nursery: trio.Nursery,
+) -> None:
+    # the address answers an innocuous name: the silence was about this name, tricks go on
+    quiet = await serve(nursery, silent)
+    good = await serve(nursery, answers)
+
+    async def alive() -> bool:
+        return True
+
+    policy = Policy("p", (), attempt_timeout=0.3)
+    strategies = [DirectStrategy(), tls_split("a"), Fixed("proxy", good)]
+    with trio.fail_after(5):
+        winner = await run_policy(
+            policy, strategies, Target("site.lab", quiet), loopback, HELLO, tls=True,
+            address_answers=alive,
+        )  # fmt: skip
+    async with winner.stream:
+        assert [a.strategy for a in winner.attempts] == ["direct", "a"]
+
+
+# --- the early connection of a policy that starts with direct ---------------------------------
+
+
+async def test_early_dial_connection_is_used_by_the_first_attempt(nursery: trio.Nursery) -> None:
+    accepted = 0
+
+    async def counting(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await answers(stream)
+
+    port = await serve(nursery, counting)
+    target = Target("site.lab", port)
+    early = EarlyDial(DirectStrategy(), target, loopback)
+    nursery.start_soon(early.run)
+    with trio.fail_after(5):
+        winner = await run_policy(Policy("p", ()), [early, tls_split()], target, loopback,
+                                  HELLO, tls=True)  # fmt: skip
+    async with winner.stream:
+        assert winner.strategy == "direct" and winner.response == SERVER_HELLO
+    await early.aclose()
+    assert accepted == 1
+
+
+async def test_early_dial_error_is_the_first_attempt_outcome(nursery: trio.Nursery) -> None:
+    good = await serve(nursery, answers)
+    target = Target("site.lab", refused_port())
+    early = EarlyDial(DirectStrategy(), target, loopback)
+    nursery.start_soon(early.run)
+    with trio.fail_after(5):
+        winner = await run_policy(Policy("p", ()), [early, Fixed("proxy", good)], target,
+                                  loopback, HELLO, tls=True)  # fmt: skip
+    async with winner.stream:
+        assert [(a.strategy, a.outcome) for a in winner.attempts] == [
+            ("direct", Outcome.CONNECT_REFUSED)
+        ]
+
+
+async def test_early_dial_closes_a_connection_nobody_took(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+
+    async def watch(stream: trio.SocketStream) -> None:
+        assert await stream.receive_some(1) == b""
+        closed.set()
+
+    port = await serve(nursery, watch)
+    early = EarlyDial(DirectStrategy(), Target("site.lab", port), loopback)
+    with trio.fail_after(5):
+        await early.run()
+        await early.aclose()
+        await closed.wait()

@@ -32,6 +32,7 @@ from proxy.lab.origin import OriginServer
 from proxy.lab.rules import Action, CensorEngine, HttpHost, Reassembly, Rule, Sni
 from proxy.lab.scenarios import RunningSidestep, open_sidestep
 from proxy.lab.world import BLOCKED, Lab, open_lab
+from proxy.net.stream import TcpStream
 from proxy.protocols.splits import plan_fragments
 from proxy.protocols.tls_hello import build_client_hello, hello_layout, parse_client_hello
 from proxy.route.router import build_strategy
@@ -53,7 +54,8 @@ GETS_THROUGH: dict[str, set[Reassembly]] = {
     "direct": set(),
     # records travel in one segment: per-segment inspection still joins them
     "tls-record-split": {FIRST},
-    "tcp-segment-split": {NONE, FIRST},
+    # cut inside the name only: a censor that joins the first record's segments reads it
+    "tcp-segment-split": {NONE},
     "tls-record-and-segment": {NONE, FIRST},
     # the censor honours the urgent pointer, so it reads the real hello once it gathers records
     "oob": {NONE},
@@ -121,7 +123,7 @@ def paced(s: Strategy, box: Middlebox) -> Strategy:
         return s
     index = len(box.flows)
 
-    async def read_by_box(i: int) -> None:
+    async def read_by_box(_stream: TcpStream, i: int) -> None:
         flow = await box.wait_flow(index)
         await flow.wait_segments(i + 1)
 

@@ -66,6 +66,19 @@ def test_timeline_is_valid_xml_with_events_in_time_order() -> None:
     assert lanes == ["frozen", "recovered", "sni-reset"]
 
 
+def test_timeline_window_ends_now_and_spans_a_minute() -> None:
+    root = ET.fromstring(render_timeline([_event(1000, "sni-reset")], now=1030))
+    ticks = [
+        float(line.get("x1", "nan"))
+        for line in root.findall(f"{SVG}line")
+        if line.get("class") == "axis" and line.get("x1") == line.get("x2")
+    ]
+    assert len(ticks) == 5 and ticks == sorted(ticks)
+    [dot] = root.findall(f"{SVG}circle")
+    # the window is [now - 60 s, now]: an event 30 s ago sits in the middle
+    assert float(dot.get("cx", "nan")) == (ticks[0] + ticks[-1]) / 2
+
+
 def test_timeline_of_one_event_and_of_none() -> None:
     one = ET.fromstring(render_timeline([_event(5, "sni-reset")]))
     assert len(one.findall(f"{SVG}circle")) == 1

@@ -24,6 +24,11 @@ listen = "127.0.0.1:WEBPORT"
 
 [shutdown]
 drain_timeout = 1
+
+# the plain path: the held connection below shows its strategy while it waits for an answer
+# (with a policy, the strategy is only known once the server answered)
+[router]
+default_policy = "direct"
 """
 
 
