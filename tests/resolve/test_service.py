@@ -337,3 +337,30 @@ async def test_service_from_config_caches_system_answers() -> None:
     off = DnsService.from_config(DnsConfig(cache_size=0), SystemResolver(timeout=5))
     assert off.cache is None
     assert ipaddress.ip_address("127.0.0.1") in await off.resolve("localhost")
+
+
+async def test_cached_resolve_reads_the_cache_bytes_like_the_full_path() -> None:
+    z = zone()
+    z.add_cname("alias.lab", "www.lab")
+    upstream = ZoneUpstream(z)
+    service = DnsService(upstream, DnsCache(clock=FakeClock(), negative_ttl_default=0))
+    for host in ("www.lab", "WWW.Lab.", "v4only.lab", "alias.lab"):
+        full = await service.resolve(host)  # fills the cache through the full path
+        asked = len(upstream.queries)
+        # the fast path answers alone, from the cache, with the full path's answer
+        assert service._cached_addresses(host) == full
+        assert await service.resolve(host) == full
+        assert len(upstream.queries) == asked
+    assert service._cached_addresses("www.lab") == [
+        ipaddress.ip_address("127.60.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+    # a name that does not exist is never answered by the fast path: the full path raises
+    with pytest.raises(ResolveError):
+        await service.resolve("nowhere.lab")
+    assert service._cached_addresses("nowhere.lab") is None
+    with pytest.raises(ResolveError):
+        await service.resolve("nowhere.lab")
+    # names it cannot spell in wire form quickly go the full way
+    assert service._cached_addresses("bücher.lab") is None
+    assert service._cached_addresses("a..lab") is None
