@@ -37,7 +37,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import dns.edns
 import dns.exception
@@ -320,6 +320,52 @@ class PooledConnectionOwner:
     async def aclose(self) -> None:
         raise TypeError("subclasses close their own connection")  # pragma: no cover
 
+    # --- the pooled connection, dialled the same way over every secure transport ---------------
+
+    #: the ALPN protocol the server must agree to (None: not checked)
+    alpn: ClassVar[str | None] = None
+    #: how errors name this endpoint
+    label: str
+    bootstrap: list[IPAddress]
+    port: int
+    pins: Pins
+    _ssl: ssl.SSLContext
+    _conn: Any
+
+    async def _connection(self) -> Any:
+        """The pooled connection, dialled anew when there is none or it is unusable."""
+        async with self._dial_lock:
+            if self._conn is not None and self._conn.usable:
+                return self._conn
+            if self._nursery is None:
+                raise ResolveError(f"{self.label}: resolver is not running (use 'async with')")
+            stream = await open_secure_stream(
+                self.bootstrap,
+                self.port,
+                self._tls_name(),
+                self._ssl,
+                self.pins,
+                label=self.label,
+                timeout=self.timeout,
+                alpn=self.alpn,
+                dial=self._dialer(),
+            )
+            self.connections_opened += 1
+            self._conn = await self._start(self._nursery, stream)
+            return self._conn
+
+    def _tls_name(self) -> str:
+        """The name sent as SNI and checked in the certificate ("" sends none)."""
+        raise TypeError("subclasses say which name they send")  # pragma: no cover
+
+    def _dialer(self) -> Callable[[], Awaitable[trio.abc.Stream]] | None:
+        """How the TCP connection is opened; None: directly to the bootstrap addresses."""
+        return None
+
+    async def _start(self, nursery: trio.Nursery, stream: trio.SSLStream[trio.abc.Stream]) -> Any:
+        """Wrap a fresh TLS stream in the transport's connection and start its reader task."""
+        raise TypeError("subclasses run their own connection")  # pragma: no cover
+
     # --- queries, the same over every secure transport ----------------------------------------
 
     #: "DoH" / "DoT", for messages
@@ -458,41 +504,25 @@ class DohResolver(PooledConnectionOwner):
             raise ResolveError(f"{where}: answer does not match the question")
         return response
 
-    async def _connection(self) -> H2ClientConnection:
-        """The pooled connection, dialled anew when there is none or it is unusable."""
-        async with self._dial_lock:
-            if self._conn is not None and self._conn.usable:
-                return self._conn
-            if self._nursery is None:
-                raise ResolveError(f"{self.url}: resolver is not running (use 'async with')")
-            stream = await open_secure_stream(
-                self.bootstrap,
-                self.port,
-                self.server_name,
-                self._ssl,
-                self.pins,
-                label=self.label,
-                timeout=self.timeout,
-                alpn="h2",
-                dial=self._dialer(),
-            )
-            self.connections_opened += 1
-            conn = H2ClientConnection(stream, self.authority, max_body=_MAX_ANSWER + 1)
-            try:
-                await self._nursery.start(self._run, conn)
-            except H2Error as exc:
-                raise ResolveError(f"{self.label}: {exc}") from exc
-            self._conn = conn
-            return conn
+    alpn: ClassVar[str | None] = "h2"
 
     @property
-    def label(self) -> str:
+    def label(self) -> str:  # type: ignore[override]
         """How errors name this endpoint."""
         return self.url
 
-    def _dialer(self) -> Callable[[], Awaitable[trio.abc.Stream]] | None:
-        """How the TCP connection is opened; None: directly to the bootstrap addresses."""
-        return None
+    def _tls_name(self) -> str:
+        return self.server_name
+
+    async def _start(
+        self, nursery: trio.Nursery, stream: trio.SSLStream[trio.abc.Stream]
+    ) -> H2ClientConnection:
+        conn = H2ClientConnection(stream, self.authority, max_body=_MAX_ANSWER + 1)
+        try:
+            await nursery.start(self._run, conn)
+        except H2Error as exc:
+            raise ResolveError(f"{self.label}: {exc}") from exc
+        return conn
 
     async def _run(self, conn: H2ClientConnection, *, task_status: trio.TaskStatus[None]) -> None:
         try:

@@ -31,7 +31,6 @@ from proxy.inbound.base import IPAddress
 from proxy.resolve.doh import (
     PooledConnectionOwner,
     normalize_pins,
-    open_secure_stream,
     parse_bootstrap,
     secure_context,
 )
@@ -207,23 +206,12 @@ class DotResolver(PooledConnectionOwner):
                     logger.debug("dot %s: %s; asking again", self.label, exc)
         raise ResolveError(f"{qname}: {self.label}: no answer within {self.timeout:g} s")
 
-    async def _connection(self) -> _DotConnection:
-        async with self._dial_lock:
-            if self._conn is not None and self._conn.usable:
-                return self._conn
-            if self._nursery is None:
-                raise ResolveError(f"{self.label}: resolver is not running (use 'async with')")
-            stream = await open_secure_stream(
-                self.bootstrap,
-                self.port,
-                self.sni,
-                self._ssl,
-                self.pins,
-                label=self.label,
-                timeout=self.timeout,
-            )
-            self.connections_opened += 1
-            conn = _DotConnection(stream, self.label)
-            await self._nursery.start(conn.run)
-            self._conn = conn
-            return conn
+    def _tls_name(self) -> str:
+        return self.sni
+
+    async def _start(
+        self, nursery: trio.Nursery, stream: trio.SSLStream[trio.abc.Stream]
+    ) -> _DotConnection:
+        conn = _DotConnection(stream, self.label)
+        await nursery.start(conn.run)
+        return conn
