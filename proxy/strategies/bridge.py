@@ -111,40 +111,53 @@ class BridgeStrategy:
         log.info("%s: session ended (%s)", self.via, session.error)
 
     async def _open_session(self) -> BridgeSession:
+        carrier = await self.dial_carrier()
+        try:
+            conn = BridgeConnection.client(self.uri.line(), rng=os.urandom, now=time.time())
+            hello = conn.data_to_send()
+            prefix = build_prefix(cast(PrefixKind, self.uri.prefix), os.urandom, len(hello))
+            events: list[Event] = []
+            with trio.move_on_after(self.handshake_timeout):
+                await carrier.send_all(prefix + hello)
+                while conn.state is ConnectionState.HANDSHAKE:
+                    data = await carrier.receive_some(65536)
+                    events += conn.receive_data(data) if data else conn.receive_eof()
+            if conn.state is not ConnectionState.OPEN:
+                raise UpstreamError(f"{self.via}: no answer to the hello")
+        except (RemoteProtocolError, ssl.SSLError, *CARRIER_ERRORS) as exc:
+            await trio.aclose_forcefully(carrier)
+            raise UpstreamError(f"{self.via}: handshake failed: {exc}") from exc
+        except BaseException:
+            await trio.aclose_forcefully(carrier)
+            raise
+        session = BridgeSession(conn, carrier)
+        session._handle(events)
+        return session
+
+    async def dial_carrier(self) -> trio.abc.Stream:
+        """A fresh carrier connection to the bridge, ready for a hello: TCP, and for the web
+        carriers TLS and the upgrade of the secret path. Raises ``UpstreamError``."""
         try:
             address: IPAddress = ipaddress.ip_address(self.uri.host)
             addresses = [address]
         except ValueError:
             addresses = await SystemResolver().resolve(self.uri.host)
         try:
-            carrier = await open_tcp(addresses, self.uri.port, timeout=self.connect_timeout)
+            tcp = await open_tcp(addresses, self.uri.port, timeout=self.connect_timeout)
         except UpstreamError as exc:
             raise type(exc)(f"{self.via}: cannot reach the bridge: {exc}") from exc
-        stream: trio.abc.Stream = carrier
+        if self.uri.carrier == "raw":
+            return tcp
         try:
-            if self.uri.carrier == "ws":
-                with trio.fail_after(self.handshake_timeout):
-                    stream = await self._open_web(carrier)
-            conn = BridgeConnection.client(self.uri.line(), rng=os.urandom, now=time.time())
-            hello = conn.data_to_send()
-            prefix = build_prefix(cast(PrefixKind, self.uri.prefix), os.urandom, len(hello))
-            events: list[Event] = []
-            with trio.move_on_after(self.handshake_timeout):
-                await stream.send_all(prefix + hello)
-                while conn.state is ConnectionState.HANDSHAKE:
-                    data = await stream.receive_some(65536)
-                    events += conn.receive_data(data) if data else conn.receive_eof()
-            if conn.state is not ConnectionState.OPEN:
-                raise UpstreamError(f"{self.via}: no answer to the hello")
+            with trio.fail_after(self.handshake_timeout):
+                return await self._open_web(tcp)
         except (RemoteProtocolError, ssl.SSLError, trio.TooSlowError, *CARRIER_ERRORS) as exc:
-            await trio.aclose_forcefully(carrier)
-            raise UpstreamError(f"{self.via}: handshake failed: {exc or 'timed out'}") from exc
+            await trio.aclose_forcefully(tcp)
+            why = str(exc) or "timed out"
+            raise UpstreamError(f"{self.via}: cannot open the carrier: {why}") from exc
         except BaseException:
-            await trio.aclose_forcefully(carrier)
+            await trio.aclose_forcefully(tcp)
             raise
-        session = BridgeSession(conn, stream)
-        session._handle(events)
-        return session
 
     async def _open_web(self, tcp: trio.abc.Stream) -> trio.abc.Stream:
         """TLS to the bridge's web server, then the WebSocket upgrade of the secret path."""
