@@ -31,9 +31,7 @@ from proxy.inbound.dnsserver import DnsServerRunner, DnsSockets
 from proxy.inbound.listener import InboundServer, RawListener, open_listeners
 from proxy.learncli import EVIDENCE_FILE, LEARNED_FILE, default_state_dir
 from proxy.pac import PacScript, proxy_directive
-from proxy.resolve.auto import AutoResolver, build_auto
 from proxy.resolve.base import Resolver
-from proxy.resolve.chain import ResolverChain, secure_chain
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.service import DnsService
 from proxy.resolve.system import SystemResolver
@@ -86,13 +84,19 @@ def make_resolver(
     (secure resolvers own a connection task, the auto resolver its checker) before it is used.
     ``evidence`` receives the auto resolver's findings; ``strategies`` are the router's, for
     ``[dns] via``."""
+    # The secure and auto resolvers (DoH, DoT, the tampering checks) are imported only by the
+    # configs that use them: they carry cryptography and h2, megabytes a plain setup never needs.
     dns = config.dns
     if dns.resolver == "udp":
         return PlainResolver(dns.server_addresses, timeout=dns.timeout), []
     if dns.resolver == "secure":
+        from proxy.resolve.chain import secure_chain
+
         chain, managed = secure_chain(dns)
         return chain, list(managed)
     if dns.resolver == "auto":
+        from proxy.resolve.auto import build_auto
+
         profile = config.router.network or None
         auto, parts = build_auto(
             dns, strategies=strategies, evidence=evidence, network=lambda: network_id(profile)
@@ -242,7 +246,10 @@ class App:
             )
             self.dns_service = DnsService.from_config(config.dns, upstream)  # type: ignore[arg-type]
             cache = self.dns_service.cache
-            if isinstance(upstream, AutoResolver) and cache is not None:
+            if dns.resolver == "auto" and cache is not None:
+                from proxy.resolve.auto import AutoResolver
+
+                assert isinstance(upstream, AutoResolver)
                 # answers cached before plain DNS was caught lying must not outlive the switch
                 upstream.on_switch.append(lambda: cache.purge(float("inf")))
             self._resolver = self.dns_service
@@ -261,11 +268,16 @@ class App:
         """The resolvers ``[[rule]] resolver`` can name: "system", and "secure" when there are
         endpoints (the main secure chain when there is one, sharing its health)."""
         choices: dict[str, Resolver] = {"system": SystemResolver(timeout=config.dns.timeout)}
-        if isinstance(upstream, AutoResolver):
+        if config.dns.resolver == "auto":
+            from proxy.resolve.auto import AutoResolver
+
+            assert isinstance(upstream, AutoResolver)
             choices["secure"] = upstream.chain
-        elif isinstance(upstream, ResolverChain):
+        elif config.dns.resolver == "secure":
             choices["secure"] = upstream
         elif config.dns.endpoints:
+            from proxy.resolve.chain import secure_chain
+
             chain, managed = secure_chain(config.dns)
             self._unopened.extend(managed)
             choices["secure"] = chain

@@ -8,8 +8,10 @@ complete wins, and every other attempt is cancelled and its socket closed.
 It is also the one place where connect-time ``OSError``\\s and trio errors become sidestep's
 :class:`~proxy.errors.UpstreamError` family (:func:`map_connect_error`).
 
-A single address is connected inline, without a nursery: most destinations resolve to one
-address (or arrive as an IP literal) and connection rate matters to a proxy.
+A single address is connected inline, without a nursery, and its timeout is only armed when
+the handshake has to be waited for: most destinations resolve to one address (or arrive as an
+IP literal), on loopback and LANs the handshake is done by the time we look, and connection
+rate matters to a proxy.
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ async def open_tcp(
 
     if len(ordered) == 1:
         address = ordered[0]
+        if _connect is None:
+            # the deadline is only armed when the connect has to wait (not on loopback/LANs)
+            try:
+                return await _connect_socket(address, port, nodelay, timeout)
+            except (OSError, UpstreamError, trio.BrokenResourceError) as exc:
+                raise map_connect_error(exc, address, port) from exc
         with trio.move_on_after(timeout):
             try:
                 return await connect(address, port)
@@ -234,8 +242,14 @@ def _writable_now(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-async def _connect_socket(address: IPAddress, port: int, nodelay: bool) -> TcpStream:
-    """Non-blocking connect of one TCP socket, closed again on failure or cancellation."""
+async def _connect_socket(
+    address: IPAddress, port: int, nodelay: bool, timeout: float | None = None
+) -> TcpStream:
+    """Non-blocking connect of one TCP socket, closed again on failure or cancellation.
+
+    With ``timeout``, a connect that has to wait for the handshake gives up after that many
+    seconds (:class:`ConnectTimeout`); without, the caller's scope bounds it.
+    """
     await trio.lowlevel.checkpoint_if_cancelled()
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -246,7 +260,14 @@ async def _connect_socket(address: IPAddress, port: int, nodelay: bool) -> TcpSt
             # On loopback and LANs the handshake is often done by now: a zero-timeout poll is
             # far cheaper than parking the task for a whole scheduler pass.
             if not _writable_now(sock):
-                await trio.lowlevel.wait_writable(sock)
+                if timeout is None:
+                    await trio.lowlevel.wait_writable(sock)
+                else:
+                    with trio.move_on_after(timeout) as scope:
+                        await trio.lowlevel.wait_writable(sock)
+                    if scope.cancelled_caught:
+                        where = format_address(address, port)
+                        raise ConnectTimeout(f"{where}: no answer within {timeout:g} s")
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         elif err == 0:
             await trio.lowlevel.cancel_shielded_checkpoint()

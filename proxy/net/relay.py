@@ -1,7 +1,7 @@
 """Moving bytes both ways between two streams once a tunnel is up.
 
 :func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a relayed
-connection costs one extra task. Its rules:
+connection costs one extra task (two while a monitor watches it). Its rules:
 
 * **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
   the opposite direction keeps flowing until it ends too. A stream that cannot half-close is left
@@ -31,7 +31,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -79,12 +79,14 @@ class _Shared:
         "b_waits_on_a",
         "closing",
         "idle",
+        "pumping",
         "refresh_at",
         "scope",
         "slack",
         "stats",
         "streams",
         "tap",
+        "watching",
     )
 
     def __init__(
@@ -100,6 +102,10 @@ class _Shared:
         self.idle = idle
         self.slack = min(idle / 20, 1.0)
         self.streams = streams
+        #: directions still copying; the monitor's watcher is stopped when both are done
+        self.pumping = 2
+        #: a monitor's watcher runs beside the directions
+        self.watching = False
         now = trio.current_time()
         self.refresh_at = now + self.slack
         scope.deadline = now + idle + self.slack
@@ -110,6 +116,19 @@ class _Shared:
         if now >= self.refresh_at:
             self.refresh_at = now + self.slack
             self.scope.deadline = now + self.idle + self.slack
+
+    def pump_done(self) -> None:
+        """One direction ended (for good): after the second, stop the watcher (by cancelling
+        the nursery, which then holds nothing else: :attr:`done` keeps that from reading as an
+        idle timeout)."""
+        self.pumping -= 1
+        if self.pumping == 0 and self.watching:
+            self.scope.cancel()
+
+    @property
+    def done(self) -> bool:
+        """Both directions ended by themselves (not by the idle deadline)."""
+        return self.pumping == 0
 
     def closed(self, side: str) -> None:
         if self.stats.first_closed is None:
@@ -161,30 +180,40 @@ async def relay(
     stats = RelayStats()
     fast = _is_tcp_socket(a) and _is_tcp_socket(b)
     use_splice = splice and _CAN_SPLICE
-    async with trio.open_nursery() as outer:
-        async with trio.open_nursery() as nursery:
-            shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
-            shared.closing = closing
-            if monitor is not None:
-                shared.tap = monitor.records
-                outer.start_soon(_watch, shared, monitor, on_degraded)
-            if fast:
-                sa, sb = cast(TcpStream, a), cast(TcpStream, b)
-                nursery.start_soon(_pump_fds, shared, sb, sa, False, buffer_size, use_splice)
-                await _pump_fds(shared, sa, sb, True, buffer_size, use_splice)
-            else:
-                nursery.start_soon(_pump_streams, shared, b, a, False, buffer_size)
-                await _pump_streams(shared, a, b, True, buffer_size)
-        outer.cancel_scope.cancel()
-    if nursery.cancel_scope.cancelled_caught and not stats.reset:
+    # One nursery: its scope carries the idle deadline, and the watcher (when a monitor
+    # watches) runs in it until the last direction to end cancels it.
+    async with trio.open_nursery() as nursery:
+        shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
+        shared.closing = closing
+        if monitor is not None:
+            shared.tap = monitor.records
+            shared.watching = True
+            nursery.start_soon(_watch, shared, monitor, on_degraded)
+        if fast:
+            sa, sb = cast(TcpStream, a), cast(TcpStream, b)
+            args = (buffer_size, use_splice)
+            nursery.start_soon(_direction, shared, _pump_fds, sb, sa, False, *args)
+            await _direction(shared, _pump_fds, sa, sb, True, *args)
+        else:
+            nursery.start_soon(_direction, shared, _pump_streams, b, a, False, buffer_size)
+            await _direction(shared, _pump_streams, a, b, True, buffer_size)
+    if nursery.cancel_scope.cancelled_caught and not stats.reset and not shared.done:
         stats.idle_timeout = True
     return stats
+
+
+async def _direction(shared: _Shared, pump: Callable[..., Awaitable[None]], *args: object) -> None:
+    """Run one direction's pump and tell ``shared`` when it ended by itself (EOF or a broken
+    stream; not when the relay's scope cancelled it)."""
+    await pump(shared, *args)
+    shared.pump_done()
 
 
 async def _watch(
     shared: _Shared, monitor: LinkMonitor, on_degraded: Callable[[Degradation], bool] | None
 ) -> None:
-    """Show the monitor the counters every interval; act once on what it finds."""
+    """Show the monitor the counters every interval; act once on what it finds. Ends when
+    both directions have (they cancel the nursery then)."""
     stats = shared.stats
     while True:
         await trio.sleep(monitor.settings.interval)

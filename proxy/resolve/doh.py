@@ -37,7 +37,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import dns.edns
 import dns.exception
@@ -46,14 +46,17 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from proxy.errors import ResolveError, UpstreamError
 from proxy.inbound.base import IPAddress
 from proxy.net.dial import format_address, open_tcp
-from proxy.net.h2client import H2ClientConnection, H2Error, H2StreamReset
 from proxy.resolve.base import ip_literal
+
+if TYPE_CHECKING:
+    from proxy.net.h2client import H2ClientConnection
+
+# cryptography (x509) and h2 are imported where they are used: the DNS cache imports this module
+# for resolve_both, and a proxy on the system resolver should not carry them in memory
 
 logger = logging.getLogger("sidestep.resolve")
 
@@ -72,6 +75,9 @@ Pins = frozenset[str]
 
 def spki_sha256(der_certificate: bytes) -> str:
     """base64 SHA-256 of a DER certificate's SubjectPublicKeyInfo (the RFC 7469 pin form)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_der_x509_certificate(der_certificate)
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -453,6 +459,8 @@ class DohResolver(PooledConnectionOwner):
     # --- internals ----------------------------------------------------------------------------
 
     async def _exchange(self, query: dns.message.Message) -> dns.message.Message:
+        from proxy.net.h2client import H2Error, H2StreamReset
+
         wire = query.to_wire()
         qname = query.question[0].name.to_text(True)
         with trio.move_on_after(self.timeout):
@@ -517,6 +525,8 @@ class DohResolver(PooledConnectionOwner):
     async def _start(
         self, nursery: trio.Nursery, stream: trio.SSLStream[trio.abc.Stream]
     ) -> H2ClientConnection:
+        from proxy.net.h2client import H2ClientConnection, H2Error
+
         conn = H2ClientConnection(stream, self.authority, max_body=_MAX_ANSWER + 1)
         try:
             await nursery.start(self._run, conn)
@@ -525,6 +535,8 @@ class DohResolver(PooledConnectionOwner):
         return conn
 
     async def _run(self, conn: H2ClientConnection, *, task_status: trio.TaskStatus[None]) -> None:
+        from proxy.net.h2client import H2Error
+
         try:
             await conn.run(task_status=task_status)
         except H2Error:

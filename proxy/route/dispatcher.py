@@ -68,7 +68,7 @@ from proxy.inbound.base import (
 from proxy.net.dial import open_tcp
 from proxy.net.monitor import Baseline, Degradation, LinkMonitor, RecordTracker
 from proxy.net.relay import relay
-from proxy.net.stream import TcpStream
+from proxy.net.stream import FastStream, TcpStream
 from proxy.resolve.base import Resolver
 from proxy.route.control import judge_attempts, probe_address
 from proxy.route.firstflight import FirstFlight, read_first_flight
@@ -136,6 +136,21 @@ class Dispatcher:
         self.resolvers: dict[str, Resolver] = {}
         #: open tunnels and totals for the status page (the app shares one across reloads)
         self.status = ConnectionRegistry()
+        #: per policy name: does every strategy of it dial the target itself
+        self._all_dial: dict[str, bool] = {}
+
+    def _dials_in_background(self, decision: Decision) -> bool:
+        """Whether the early connection runs beside the reply and the first flight: the
+        decision starts with a strategy that dials the target, and has another way out if that
+        fails (when every strategy dials the target, the connection is opened before the
+        client is answered)."""
+        if not isinstance(decision.strategies[0], DirectStrategy | FragmentStrategy):
+            return False
+        name = decision.policy.name
+        all_dial = self._all_dial.get(name)
+        if all_dial is None:  # the memory only reorders a policy's strategies: once per policy
+            all_dial = self._all_dial[name] = all(dials_target(s) for s in decision.strategies)
+        return not all_dial
 
     def context(self, inbound: InboundSettings) -> InboundContextImpl:
         """The context handed to one inbound's handlers."""
@@ -171,14 +186,21 @@ class Dispatcher:
         if self.router is not None:
             decision = self.router.decide(request.target, request.inbound)
             if not decision.plain_direct:
-                # the nursery runs the early connection of a policy that starts with direct
-                async with trio.open_nursery() as nursery:
-                    await self._tunnel_policy(request, replier, decision, nursery)
+                if self._dials_in_background(decision):
+                    # the nursery runs the early connection while the client sends its flight
+                    async with trio.open_nursery() as nursery:
+                        await self._tunnel_policy(request, replier, decision, nursery)
+                else:
+                    await self._tunnel_policy(request, replier, decision, None)
                 return
         await self._tunnel_direct(request, replier)
 
     async def _tunnel_policy(
-        self, request: Request, replier: Replier, decision: Decision, nursery: trio.Nursery
+        self,
+        request: Request,
+        replier: Replier,
+        decision: Decision,
+        nursery: trio.Nursery | None,
     ) -> None:
         """Steps 2-6 with a policy: optimistic reply, first flight, attempts with replay.
 
@@ -186,7 +208,8 @@ class Dispatcher:
         memory may have put one first), its connection opens in ``nursery`` while the
         client is told "connected" and sends its first flight (:class:`EarlyDial`). When every
         strategy of the policy dials the target itself, the client is only answered once that
-        connection is open, so a refused or unreachable address gets the protocol's own error.
+        connection is open, so a refused or unreachable address gets the protocol's own error
+        (and ``nursery`` is None: nothing runs in the background).
         """
         assert self.router is not None
         start = trio.current_time()
@@ -203,7 +226,7 @@ class Dispatcher:
         async def lookup() -> Sequence[IPAddress]:
             return await self.resolve(target.host, decision.resolver)
 
-        resolve = resolve_once(lookup)
+        resolve = _lookup_once(target, lookup)
         early: EarlyDial | None = None
         try:
             if target.ip is None and not any(x.remote_dns for x in decision.strategies):
@@ -221,7 +244,7 @@ class Dispatcher:
             if isinstance(first, DirectStrategy | FragmentStrategy):
                 early = EarlyDial(first, target, resolve)
                 strategies = (early, *strategies[1:])
-                if not all(dials_target(s) for s in strategies):
+                if nursery is not None:
                     nursery.start_soon(early.run)
                 else:
                     # every way out dials this address, so none can help when it refuses us:
@@ -268,7 +291,7 @@ class Dispatcher:
                 self._record_degraded(decision, target, flight.sni, winner.strategy, what)
                 return what is Degradation.FROZEN
 
-            async with winner.stream:
+            try:
                 attempts, trusted = await self._judge(
                     target, flight, winner.attempts, winner.response, resolve
                 )
@@ -287,6 +310,8 @@ class Dispatcher:
                     monitor=monitor,
                     on_degraded=degraded,
                 )
+            finally:
+                await _close(winner.stream)
             if found:
                 verdict = found[0].value
                 if found[0] is Degradation.FROZEN:
@@ -563,7 +588,7 @@ class Dispatcher:
                 outcome = f"{_kind(exc)}: {exc}"
                 await _quietly(replier.fail(exc))
                 return
-            async with upstream:
+            try:
                 try:
                     bound = upstream.socket.getsockname()
                     await replier.succeed((bound[0], bound[1]))
@@ -575,6 +600,8 @@ class Dispatcher:
                 up, down, outcome = await self._pump(
                     request, upstream, flight.data, b"", sent=False
                 )
+            finally:
+                await _close(upstream)
         except ProxyError as exc:
             outcome = f"{_kind(exc)}: {exc}"
         finally:
@@ -619,6 +646,36 @@ class InboundContextImpl:
 
     async def resolve(self, host: str) -> Sequence[IPAddress]:
         return await self.dispatcher.resolve(host)
+
+
+def _lookup_once(target: Target, lookup: Resolve) -> Resolve:
+    """The target's addresses for every attempt of one connection, looked up once.
+
+    An IP literal is its own answer, and once a name is resolved the answer is handed out
+    directly: only the first lookup of a name goes through :func:`resolve_once` (whose lock
+    makes concurrent attempts share it), so the early dial and the attempt after it do not
+    each cost a pass of the scheduler.
+    """
+    known: list[Sequence[IPAddress]] = [] if target.ip is None else [(target.ip,)]
+    shared = resolve_once(lookup)
+
+    async def resolve() -> Sequence[IPAddress]:
+        if known:
+            return known[0]
+        addresses = await shared()
+        known.append(addresses)
+        return addresses
+
+    return resolve
+
+
+async def _close(stream: trio.abc.AsyncResource) -> None:
+    """Close an upstream; a plain TCP stream at once (its ``aclose`` would add a scheduler pass
+    and has nothing to flush)."""
+    if isinstance(stream, FastStream):
+        stream.socket.close()
+    else:
+        await stream.aclose()
 
 
 def _kind(exc: BaseException) -> str:

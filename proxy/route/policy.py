@@ -346,7 +346,8 @@ class EarlyDial:
 
     async def wait(self) -> BaseException | None:
         """Wait until the connection is open (None) or failed (the error)."""
-        await self._done.wait()
+        if not self._done.is_set():  # when it is, waiting would only cost a scheduler pass
+            await self._done.wait()
         return self._error
 
     async def connect(
@@ -356,7 +357,8 @@ class EarlyDial:
             return await self.strategy.connect(target, addresses, first_flight)
         self._taken = True
         try:
-            await self._done.wait()
+            if not self._done.is_set():
+                await self._done.wait()
         except BaseException:  # the attempt timed out or was cancelled: stop dialling too
             self._scope.cancel()
             raise

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.config import DnsConfig
 from proxy.detect.evidence import EvidenceEvent, format_time, log_files
-from proxy.resolve.auto import AutoResolver
-from proxy.resolve.chain import ResolverChain
 from proxy.resolve.plain import PlainResolver
 from proxy.resolve.service import DnsService
 from proxy.route.learn import LearnedMemory
 from proxy.status import ConnectionRegistry
+
+if TYPE_CHECKING:
+    from proxy.resolve.chain import ResolverChain
 
 #: evidence events the document carries at most
 EVIDENCE_LIMIT = 200
@@ -113,8 +115,12 @@ def resolver_status(dns_config: DnsConfig, service: DnsService | None) -> dict[s
         out["cache"] = None
         return out
     upstream = service.upstream
+    # The auto and secure resolvers' modules are loaded only by configs that use them (they
+    # weigh megabytes): a class whose module was never imported has no instance to look for.
+    auto = sys.modules.get("proxy.resolve.auto")
+    secure = sys.modules.get("proxy.resolve.chain")
     chain: ResolverChain | None = None
-    if isinstance(upstream, AutoResolver):
+    if auto is not None and isinstance(upstream, auto.AutoResolver):
         out["secure_now"] = upstream.secure
         out["checks"] = upstream.checks
         out["reasons"] = [v.to_json() for v in upstream.reasons]
@@ -122,7 +128,7 @@ def resolver_status(dns_config: DnsConfig, service: DnsService | None) -> dict[s
         plain = upstream.plain
         if isinstance(plain, PlainResolver):
             out["servers"] = [_host_port(h, p) for h, p in plain.servers]
-    elif isinstance(upstream, ResolverChain):
+    elif secure is not None and isinstance(upstream, secure.ResolverChain):
         chain = upstream
     elif isinstance(upstream, PlainResolver):
         out["servers"] = [_host_port(h, p) for h, p in upstream.servers]

@@ -288,3 +288,27 @@ def test_map_connect_error_unwraps_trio_broken_resource() -> None:
     assert isinstance(map_connect_error(broken), ConnectRefused)
     already = Unreachable("x")
     assert map_connect_error(already) is already
+
+
+async def test_dial_single_real_address_times_out_when_the_handshake_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A listener whose accept queue is full drops new SYNs: the connect has to wait, and the
+    # deadline (armed only then) turns the silence into ConnectTimeout without a leaked socket.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    try:
+        for _ in range(4):  # fill the queue (its length is the kernel's business)
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            queued.append(sock)
+        with pytest.raises(ConnectTimeout, match=re.escape(f"127.0.0.1:{port}: no answer")):
+            await open_tcp([ip("127.0.0.1")], port, timeout=2)
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()

@@ -353,6 +353,34 @@ async def test_relay_monitor_leaves_a_finished_answer_alone(
     assert out[0].degraded is None and not out[0].cut
 
 
+async def test_relay_with_a_monitor_ends_when_both_directions_do(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # the watcher shares the relay's nursery: the second direction to end stops it, and that
+    # is not mistaken for an idle timeout
+    from proxy.net.monitor import LinkMonitor, MonitorSettings
+
+    async with relayed_tcp() as (x, a, b, y):
+        monitor = LinkMonitor(MonitorSettings(interval=0.5), trio.current_time())
+        out: list[RelayStats] = []
+
+        async def run() -> None:
+            out.append(await relay(a, b, idle_timeout=60, monitor=monitor))
+
+        with trio.fail_after(30):  # a watcher left running would keep the relay open
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await x.send_all(b"q")
+                assert await y.receive_some(10) == b"q"
+                await y.send_all(b"a")
+                assert await x.receive_some(10) == b"a"
+                await x.send_eof()
+                await y.send_eof()
+    stats = out[0]
+    assert (stats.a_to_b, stats.b_to_a) == (1, 1)
+    assert not stats.idle_timeout and not stats.reset and stats.degraded is None
+
+
 async def test_relay_counts_live_while_it_runs() -> None:
     async with relayed_tcp() as (x, a, b, y):
         stats_seen: list[int] = []
