@@ -10,6 +10,8 @@ connected to, and fetches it these ways, interleaved ``--repeat`` times:
   process; the handshake is done beforehand and the session reused, as in real use);
 - **ws bridge**: the same over the WebSocket carrier behind a real nginx (TLS, built from
   packaging/nginx), when nginx is installed.
+- **split / poll bridge**: the CDN carriers (:class:`~proxy.strategies.front.FrontStrategy`,
+  split HTTP and polling) through that same nginx.
 
 Figures: MB/s (median) and the ratio to the plain relay; CPU seconds per GiB of this process
 plus the bridge process (nginx's own CPU is not counted); and the median time to first byte
@@ -40,6 +42,7 @@ from proxy.inbound.base import Target
 from proxy.lab.ca import LabCA
 from proxy.net.relay import relay
 from proxy.strategies.bridge import BridgeStrategy
+from proxy.strategies.front import FrontStrategy
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -219,7 +222,7 @@ async def _spawn_bridge(
     return proc
 
 
-async def _bench(size: int, repeat: int, ttfb_samples: int) -> None:
+async def _bench(size: int, repeat: int, ttfb_samples: int, paths: frozenset[str]) -> None:
     ca = LabCA.create()
     workdir = Path(tempfile.mkdtemp(prefix="sidestep-bench-"))
     try:
@@ -231,15 +234,20 @@ async def _bench(size: int, repeat: int, ttfb_samples: int) -> None:
             plain_copy = await nursery.start(_serve_relay, sink, False)
             identity = generate_identity()
             write_identity(workdir / "bridge.key", identity, force=False)
-            raw_address = ("127.0.0.1", free_port())
-            procs = [await _spawn_bridge(workdir, "raw", raw_address, "")]
-            raw_uri = BridgeURI(
-                short_id=identity.short_id, public_key=identity.public_key,
-                secret=identity.secret, carrier="raw", host=raw_address[0], port=raw_address[1],
-            )  # fmt: skip
-            strategies = {"raw bridge": BridgeStrategy("raw", raw_uri)}
-            pids = {"raw bridge": [procs[0].pid]}
-            nginx = find_nginx()
+            procs: list[trio.Process] = []
+            strategies: dict[str, BridgeStrategy] = {}
+            pids: dict[str, list[int]] = {}
+            if "raw" in paths:
+                raw_address = ("127.0.0.1", free_port())
+                procs.append(await _spawn_bridge(workdir, "raw", raw_address, ""))
+                raw_uri = BridgeURI(
+                    short_id=identity.short_id, public_key=identity.public_key,
+                    secret=identity.secret, carrier="raw", host=raw_address[0],
+                    port=raw_address[1],
+                )  # fmt: skip
+                strategies["raw bridge"] = BridgeStrategy("raw", raw_uri)
+                pids["raw bridge"] = [procs[-1].pid]
+            nginx = find_nginx() if "ws" in paths else None
             ws_stack = None
             if nginx is not None:
                 backend = ("127.0.0.1", free_port())
@@ -256,7 +264,13 @@ async def _bench(size: int, repeat: int, ttfb_samples: int) -> None:
                     path=SECRET, sni="bridge.bench",
                 )  # fmt: skip
                 strategies["ws bridge (nginx)"] = BridgeStrategy("ws", ws_uri, cafile=str(ca_file))
-                pids["ws bridge (nginx)"] = [procs[1].pid]
+                pids["ws bridge (nginx)"] = [procs[-1].pid]
+                for carrier in ("split", "poll"):  # the CDN carriers, through the same nginx
+                    name = f"{carrier} bridge (nginx)"
+                    strategies[name] = FrontStrategy(
+                        carrier, ws_uri, carriers=[carrier], cafile=str(ca_file)
+                    )
+                    pids[name] = [procs[-1].pid]
             try:
                 for strategy in strategies.values():
                     await strategy.session()  # handshakes out of the measurement
@@ -303,7 +317,7 @@ async def _bench(size: int, repeat: int, ttfb_samples: int) -> None:
                         f"{name:<20}{mbps:>9.0f}{mbps / base:>9.2f}"
                         f"{statistics.median(cpu[name]):>11.2f}{added}"
                     )
-                if nginx is None:
+                if nginx is None and "ws" in paths:
                     print("ws bridge: skipped (nginx is not installed)")
             finally:
                 for strategy in strategies.values():
@@ -321,7 +335,11 @@ async def _bench(size: int, repeat: int, ttfb_samples: int) -> None:
 
 
 def run_bridge_bench(args: argparse.Namespace) -> None:
-    trio.run(_bench, args.mib * MiB, args.repeat, args.ttfb_samples)
+    paths = frozenset(args.paths.split(","))
+    unknown = paths - {"raw", "ws"}
+    if unknown:
+        raise SystemExit(f"bench bridge: unknown --paths {', '.join(sorted(unknown))} (raw, ws)")
+    trio.run(_bench, args.mib * MiB, args.repeat, args.ttfb_samples, paths)
 
 
 def add_bridge_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -329,6 +347,9 @@ def add_bridge_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--ttfb-samples", type=int, default=20)
+    p.add_argument(
+        "--paths", default="raw,ws", help="bridge paths to measure: raw, ws or raw,ws (default)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

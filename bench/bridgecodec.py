@@ -2,13 +2,13 @@
 
 In one thread, no sockets, ``--mib`` MiB each way:
 
-- ``raw aead``: ``ChaCha20Poly1305.encrypt`` then ``decrypt`` of 16 KiB chunks with a counter
-  nonce: the floor set by the C library plus the least Python possible.
+- ``raw aead``: ``ChaCha20Poly1305.encrypt`` then ``decrypt`` of full-size (64 KiB) records
+  with a counter nonce: the floor set by the C library plus the least Python possible.
 - ``records``: :class:`RecordSealer` then :class:`RecordOpener` (masked lengths, counters, one
   ``receive_data`` per 64 KiB read as a carrier would deliver it).
 - ``session``: a whole client/server :class:`BridgeConnection` pair after the handshake: one
-  stream, ``send_data`` of 64 KiB writes, framing, padding, sealing, opening, events and flow
-  control acknowledgements.
+  stream, ``send_data`` of the writes a bridge's relay makes (:data:`STREAM_READ`), framing,
+  padding, sealing, opening, events and flow control acknowledgements.
 
 Prints MB/s (best of ``--repeat``) of plaintext through seal+open and each one's ratio to raw.
 """
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from proxy.bridge.session import STREAM_READ
 from proxy.protocols.bridge import BridgeConnection, BridgeLine, DataReceived, ReplayCache
 from proxy.protocols.bridge.records import MAX_PLAINTEXT, RecordOpener, RecordSealer
 
@@ -58,8 +59,8 @@ def _session(total: int) -> None:
     server.receive_data(client.data_to_send(), now)
     client.receive_data(server.data_to_send())
     sid = client.open_stream("example.com", 443)
-    data = os.urandom(READ)
-    for _ in range(total // READ):
+    data = os.urandom(STREAM_READ)
+    for _ in range(total // STREAM_READ):
         client.send_data(sid, data)
         for event in server.receive_data(client.data_to_send(), now):
             if isinstance(event, DataReceived):

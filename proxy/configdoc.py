@@ -86,6 +86,7 @@ _CHECK_WORDS: dict[str, str] = {
     f"{_RC}._check_host_header": '"host" in any letter case, e.g. "hOsT"',
     f"{_RC}._check_host_space": "up to 8 spaces or tabs, or empty",
     f"{_RC}._check_bridge_uri": 'a "sidestep://..." bridge URI from `sidestep keygen`',
+    f"{_RC}._check_rotate_after": "0 (never) or a number of bytes from 4096",
     f"{_BC}._check_listen": '"host:port", e.g. "127.0.0.1:8443"',
     f"{_BC}._check_network": 'an IP network, e.g. "10.0.0.0/8", "fd00::/8"',
     f"{_BC}._check_destination": 'an IP network ("10.0.0.0/8") or a lower-case domain '
@@ -239,6 +240,9 @@ def describe_type(tp: Any) -> str:
     """A config field's type in the reference's words: ``array of strings``, ``string, optional``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) > 1:  # like int | Literal["auto"]
+            return " or ".join(describe_type(a) for a in members)
         return f"{describe_type(_strip_optional(tp))}, optional"
     if origin is Literal:
         return describe_type(type(typing.get_args(tp)[0]))
@@ -297,8 +301,11 @@ def _toml_value(value: Any) -> str:
 def _allowed(field: dataclasses.Field[Any], tp: Any) -> str:
     tp = _strip_optional(tp)
     parts: list[str] = []
-    if typing.get_origin(tp) is Literal:
-        parts.append(", ".join(f"`{_toml_value(v)}`" for v in typing.get_args(tp)))
+    literals = [tp] if typing.get_origin(tp) is Literal else []
+    if typing.get_origin(tp) in (Union, types.UnionType):  # like int | Literal["auto"]
+        literals = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]
+    for literal in literals:
+        parts.append(", ".join(f"`{_toml_value(v)}`" for v in typing.get_args(literal)))
     for rule, prefix in (("check", ""), ("each", "each: ")):
         check = field.metadata.get(rule)
         if check is not None:

@@ -8,7 +8,8 @@ field for it, nothing more. Supported field types:
 * ``Literal["a", "b"]`` - one of the listed values;
 * ``tuple[X, ...]`` - a TOML array whose items are each an ``X``;
 * a dataclass - a TOML table; ``tuple[SomeDataclass, ...]`` - an array of tables;
-* ``X | None`` - an optional key; it must default to ``None`` (TOML has no null).
+* ``X | None`` - an optional key; it must default to ``None`` (TOML has no null);
+* ``int | Literal["auto"]`` - the first member the value fits (errors come from the last one).
 
 Per-field rules go in :func:`option` (``check=`` for the value, ``each=`` for every item of an
 array, ``secret=`` to mask it when rendering). Rules spanning several fields go in a
@@ -162,6 +163,14 @@ class _Builder:
     def value(self, tp: Any, value: Any, key: str) -> Any:
         origin = typing.get_origin(tp)
         if origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) > 1:  # like int | Literal["auto"]: the first member that fits
+                for member in members[:-1]:
+                    try:
+                        return self.value(member, value, key)
+                    except ConfigError:
+                        pass
+                return self.value(members[-1], value, key)
             return self.value(_unwrap_optional(tp), value, key)
         if origin is Literal:
             allowed = typing.get_args(tp)
@@ -483,7 +492,7 @@ def _is_table_array(tp: Any, value: Any, *, top: bool) -> bool:
 def _is_flat(tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        return _is_flat(_unwrap_optional(tp))
+        return all(_is_flat(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is tuple:
         return _is_flat(_tuple_item(tp))
     return not dataclasses.is_dataclass(tp)

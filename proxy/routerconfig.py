@@ -21,7 +21,11 @@ from proxy.configschema import between, non_negative, not_empty, option, positiv
 from proxy.errors import ConfigError
 from proxy.protocols.splits import SplitPoint
 
-StrategyType = Literal["direct", "socks5", "http", "tor", "fragment", "disorder", "oob", "bridge"]
+StrategyType = Literal[
+    "direct", "socks5", "http", "tor", "fragment", "disorder", "oob", "bridge", "front"
+]
+#: the carriers a front strategy can try, in their default order
+FRONT_CARRIERS = ("ws", "split", "poll")
 #: the strategy types that re-frame the client's first flight
 FRAGMENT_TYPES = ("fragment", "disorder", "oob")
 
@@ -33,6 +37,24 @@ def _check_bridge_uri(text: str) -> None:
         parse_bridge_uri(text)
     except ConfigError as exc:  # its message names the bad part, never the secret
         raise ValueError(f"not a valid bridge URI: {exc.key}: {exc.message}") from None
+
+
+def _check_front(text: str) -> None:
+    """a CDN name, or NAME@ADDRESS[:PORT] to dial that address ("cdn.example@192.0.2.9")."""
+    from proxy.strategies.front import check_front
+
+    check_front(text)
+
+
+def _check_front_carrier(text: str) -> None:
+    """one of "ws", "split", "poll" (in the order to try them)."""
+    if text not in FRONT_CARRIERS:
+        raise ValueError(f"{text[:20]!r} is not one of {', '.join(FRONT_CARRIERS)}")
+
+
+def _check_rotate_after(value: int | str) -> None:
+    if isinstance(value, int) and not (value == 0 or 4096 <= value <= 1 << 40):
+        raise ValueError(f'must be "auto", 0 (never) or a number of bytes from 4096; got {value}')
 
 
 def _check_server(text: str) -> None:
@@ -136,8 +158,13 @@ class StrategyConfig:
     remote_dns: bool = True
     #: bridge: the "sidestep://..." URI its operator gave you (a secret, masked in renders)
     uri: str | None = option(None, check=_check_bridge_uri, secret=True)
-    #: bridge (ws carrier): trust this CA file for the bridge's certificate, not the system's
+    #: bridge (ws carrier) and front: trust this CA file for the certificates, not the system's
     cafile: str | None = option(None, check=not_empty)
+    #: front: the CDN names to reach the bridge through, tried in order ("NAME" or
+    #: "NAME@ADDRESS[:PORT]"); empty: the URI's own front
+    fronts: tuple[str, ...] = option((), each=_check_front)
+    #: front: the carriers to try, in order
+    carriers: tuple[str, ...] = option(FRONT_CARRIERS, each=_check_front_carrier)
     #: fragment/disorder/oob: where to cut the first flight ("sni-middle", "start+2", ...)
     split: tuple[str, ...] = option((), each=_check_split)
     #: fragment: cut the TLS ClientHello into several TLS records at the split points
@@ -152,6 +179,10 @@ class StrategyConfig:
     host_header: str | None = option(None, check=_check_host_header)
     #: plain HTTP: put exactly these spaces/tabs between "Host:" and the name
     host_space: str | None = option(None, check=_check_host_space)
+    #: bridge and front: open a new carrier connection (the session carries on) before the
+    #: current one has carried this many bytes either way; "auto": before the amount after
+    #: which a connection froze on this network, once that happened; 0: never
+    rotate_after: int | Literal["auto"] = option("auto", check=_check_rotate_after)
 
     def validate(self) -> None:
         self._validate_fragment()
@@ -164,19 +195,44 @@ class StrategyConfig:
         self._validate_bridge()
 
     def _validate_bridge(self) -> None:
-        if self.type != "bridge":
+        if self.type != "front":
+            for key, unset in (("fronts", not self.fronts),
+                               ("carriers", self.carriers == FRONT_CARRIERS)):  # fmt: skip
+                if not unset:
+                    raise ConfigError(f"only front strategies take {key}", key=key)
+        if self.type not in ("bridge", "front"):
+            if self.rotate_after != "auto":
+                raise ConfigError(
+                    "only bridge and front strategies take rotate_after", key="rotate_after"
+                )
             for key in ("uri", "cafile"):
                 if getattr(self, key) is not None:
-                    raise ConfigError(f"only bridge strategies take {key}", key=key)
+                    raise ConfigError(f"only bridge and front strategies take {key}", key=key)
             return
         if self.uri is None:
-            raise ConfigError('a bridge strategy needs uri = "sidestep://..."', key="uri")
+            raise ConfigError(f'a {self.type} strategy needs uri = "sidestep://..."', key="uri")
         from proxy.bridge.identity import parse_bridge_uri
 
         uri = parse_bridge_uri(self.uri)
-        if uri.carrier not in ("raw", "ws") or uri.front is not None:
+        if self.type == "front":
+            if uri.carrier == "raw":
+                raise ConfigError(
+                    "a front strategy needs a bridge URI with a web carrier (ws, split or poll)",
+                    key="uri",
+                )
+            if not self.fronts and uri.front is None:
+                raise ConfigError(
+                    'a front strategy needs fronts = ["cdn-name", ...] or front= in its URI',
+                    key="fronts",
+                )
+            if not self.carriers:
+                raise ConfigError('name at least one carrier, like ["ws", "split", "poll"]',
+                                  key="carriers")  # fmt: skip
+            if len(set(self.carriers)) != len(self.carriers):
+                raise ConfigError("a carrier is listed twice", key="carriers")
+        elif uri.carrier not in ("raw", "ws") or uri.front is not None:
             raise ConfigError(
-                "only bridges with carrier=raw or carrier=ws (no front) are supported so far",
+                'this URI goes through a CDN (front=, split or poll): use type = "front"',
                 key="uri",
             )
         for key, unset in (

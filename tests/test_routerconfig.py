@@ -219,3 +219,108 @@ def test_bridge_strategy_config_errors_name_key_and_line(
     assert err.startswith("bad.toml:") and where in err and message in err, err
     assert "B" * 42 not in err  # the secret never appears in an error
     assert info.value.line is not None
+
+
+FRONT_URI = BRIDGE_URI.replace("192.0.2.7:443", "bridge.example:443/a1b2c3").replace(
+    "carrier=raw", "carrier=ws"
+)
+
+
+def test_front_strategy_config_loads_with_fronts_and_carriers() -> None:
+    text = (
+        f'[[strategy]]\nname = "f"\ntype = "front"\nuri = "{FRONT_URI}"\n'
+        'fronts = ["cdn.example", "cdn.example@192.0.2.9:8443"]\ncarriers = ["split", "poll"]\n'
+    )
+    config = parse_config(text, "f.toml")
+    assert config.strategy[0].fronts == ("cdn.example", "cdn.example@192.0.2.9:8443")
+    assert config.strategy[0].carriers == ("split", "poll")
+    assert parse_config(render_config(config, mask_secrets=False), "again") == config
+    # the URI's own front= is enough; the carriers default to all three
+    fronted = FRONT_URI + "&front=cdn.example"
+    config = parse_config(f'[[strategy]]\nname = "f"\ntype = "front"\nuri = "{fronted}"\n', "f")
+    assert config.strategy[0].carriers == ("ws", "split", "poll")
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "message"),
+    [
+        ('type = "front"\nfronts = ["cdn.example"]\n', "strategy[0].uri", "needs uri"),
+        (f'type = "front"\nuri = "{FRONT_URI}"\n', "strategy[0].fronts", "fronts = ["),
+        (
+            f'type = "front"\nuri = "{BRIDGE_URI}"\nfronts = ["cdn.example"]\n',
+            "strategy[0].uri",
+            "web carrier",
+        ),
+        (
+            f'type = "front"\nuri = "{FRONT_URI}"\nfronts = ["not a name"]\n',
+            "strategy[0].fronts[0]",
+            "NAME or NAME@ADDRESS",
+        ),
+        (
+            f'type = "front"\nuri = "{FRONT_URI}"\nfronts = ["cdn.example@192.0.2.9:99999"]\n',
+            "strategy[0].fronts[0]",
+            "port",
+        ),
+        (
+            f'type = "front"\nuri = "{FRONT_URI}"\nfronts = ["c.example"]\ncarriers = ["quic"]\n',
+            "strategy[0].carriers[0]",
+            "one of ws, split, poll",
+        ),
+        (
+            f'type = "front"\nuri = "{FRONT_URI}"\nfronts = ["c.example"]\ncarriers = []\n',
+            "strategy[0].carriers",
+            "at least one carrier",
+        ),
+        (
+            f'type = "front"\nuri = "{FRONT_URI}"\nfronts = ["c.example"]\n'
+            'carriers = ["ws", "ws"]\n',
+            "strategy[0].carriers",
+            "listed twice",
+        ),
+        ('type = "direct"\nfronts = ["cdn.example"]\n', "strategy[0].fronts", "only front"),
+        ('type = "direct"\ncarriers = ["ws"]\n', "strategy[0].carriers", "only front"),
+        (
+            f'type = "bridge"\nuri = "{FRONT_URI}&front=cdn.example"\n',
+            "strategy[0].uri",
+            'type = "front"',
+        ),
+    ],
+)
+def test_front_strategy_config_errors_name_key_and_line(
+    body: str, where: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[[strategy]]\nname = "f"\n{body}', "bad.toml")
+    err = str(info.value)
+    assert err.startswith("bad.toml:") and where in err and message in err, err
+    assert "B" * 42 not in err
+    assert info.value.line is not None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("100", "a number of bytes from 4096"),
+        ("-1", "a number of bytes from 4096"),
+        ('"never"', 'must be one of "auto"'),
+        ("true", 'must be one of "auto"'),
+        ("1.5", 'must be one of "auto"'),
+    ],
+)
+def test_bridge_strategy_rotate_after_refuses_bad_values(value: str, message: str) -> None:
+    text = f'[[strategy]]\nname = "b"\ntype = "bridge"\nuri = "{BRIDGE_URI}"\n\nrotate_after = {value}\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "bad.toml")
+    assert str(info.value).startswith("bad.toml:6: strategy[0].rotate_after: "), info.value
+    assert message in str(info.value)
+
+
+def test_bridge_strategy_rotate_after_takes_auto_a_size_or_zero_and_only_on_bridges() -> None:
+    head = f'[[strategy]]\nname = "b"\ntype = "bridge"\nuri = "{BRIDGE_URI}"\n'
+    for value, expected in (('"auto"', "auto"), ("16384", 16384), ("0", 0)):
+        config = parse_config(f"{head}rotate_after = {value}\n", "t.toml")
+        assert config.strategy[0].rotate_after == expected
+        assert parse_config(render_config(config, mask_secrets=False), "again") == config
+    assert parse_config(head, "t.toml").strategy[0].rotate_after == "auto"
+    with pytest.raises(ConfigError, match="only bridge and front strategies take rotate_after"):
+        parse_config('[[strategy]]\nname = "d"\ntype = "direct"\nrotate_after = 0\n', "t.toml")

@@ -16,6 +16,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import h11
 import trio
@@ -32,8 +35,35 @@ from proxy.protocols.websocket import (
 
 #: bound on the request or response head
 MAX_HEAD = 16 * 1024
-#: one frame's payload when sending
-FRAME_PAYLOAD = 64 * 1024
+#: the largest payload of a frame we send: a whole write of the session usually fits in one
+#: (the receiving decoder accepts up to :data:`proxy.protocols.websocket.MAX_PAYLOAD`)
+FRAME_PAYLOAD = 512 * 1024
+#: bytes asked of the transport per read
+TRANSPORT_READ = 256 * 1024
+#: seconds the server waits for each piece of a request head
+READ_TIMEOUT = 30.0
+#: what every web carrier's requests say they are
+USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
+#: the statuses a CDN answers a fronted request with when it will not front: 421 Misdirected
+#: Request (SNI and Host name different sites) and 403 Forbidden
+FRONTING_REFUSED = (403, 421)
+
+
+class FrontingRefused(RemoteProtocolError):
+    """The CDN refused a request whose Host differs from the TLS name (domain fronting)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, reply_code=status)
+        self.status = status
+
+
+def check_status(status: int, what: str) -> None:
+    """Raise for a web carrier's answer other than 200 (``FrontingRefused`` for 421/403)."""
+    if status in FRONTING_REFUSED:
+        raise FrontingRefused(f"{what} was refused with {status}: CDN refuses fronting", status)
+    if status != 200:
+        raise RemoteProtocolError(f"{what} was answered with {status}")
+
 
 NOT_FOUND_BODY = (
     b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
@@ -55,7 +85,8 @@ class WebSocketStream(trio.abc.HalfCloseableStream):
         self.transport = transport
         self.client_side = client_side
         self._decoder = FrameDecoder(client_side=client_side)
-        self._pending = bytearray()
+        # received payloads not yet read, as they arrived (handed out without copying)
+        self._pending: deque[bytes] = deque()
         self._closed_by_peer = False
         self._sent_close = False
         self._send_lock = trio.Lock()
@@ -70,14 +101,15 @@ class WebSocketStream(trio.abc.HalfCloseableStream):
         )
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        while not self._pending:
+        pending = self._pending
+        while not pending:
             if self._closed_by_peer:
                 await trio.lowlevel.checkpoint()
                 return b""
             if self._trailing:
                 data, self._trailing = self._trailing, b""
             else:
-                data = await self.transport.receive_some(FRAME_PAYLOAD + 14)
+                data = await self.transport.receive_some(TRANSPORT_READ)
             if not data:
                 self._closed_by_peer = True
                 continue
@@ -87,14 +119,16 @@ class WebSocketStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"WebSocket peer broke the protocol: {exc}") from exc
             for frame in frames:
                 await self._on_frame(frame)
-        size = len(self._pending) if max_bytes is None else min(max_bytes, len(self._pending))
-        data = bytes(self._pending[:size])
-        del self._pending[:size]
+        data = pending.popleft()
+        if max_bytes is not None and len(data) > max_bytes:
+            pending.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
         return data
 
     async def _on_frame(self, frame: Frame) -> None:
         if frame.opcode in (Opcode.BINARY, Opcode.CONTINUATION, Opcode.TEXT):
-            self._pending += frame.payload
+            if frame.payload:
+                self._pending.append(frame.payload)
         elif frame.opcode is Opcode.PING:
             async with self._send_lock:
                 await self._send_frame(Frame(Opcode.PONG, frame.payload))
@@ -107,10 +141,12 @@ class WebSocketStream(trio.abc.HalfCloseableStream):
         async with self._send_lock:
             if self._sent_close:
                 raise trio.ClosedResourceError("the WebSocket is closing")
+            mask = None
             for start in range(0, len(view), FRAME_PAYLOAD):
-                await self._send_frame(
-                    Frame(Opcode.BINARY, bytes(view[start : start + FRAME_PAYLOAD]))
-                )
+                if self.client_side:
+                    mask = os.urandom(4)
+                chunk = view[start : start + FRAME_PAYLOAD]  # copied once, into the frame
+                await self.transport.send_all(encode_frame(Opcode.BINARY, chunk, mask=mask))
             if not view:
                 await trio.lowlevel.checkpoint()
 
@@ -165,27 +201,48 @@ def _response(status: int, body: bytes, content_type: bytes, keep: bool) -> byte
     )  # fmt: skip
 
 
+class RequestClaimer(Protocol):
+    """Takes the requests of the plain-HTTP carriers (split HTTP, polling): see
+    :class:`proxy.bridge.httpcarriers.WebCarrierHub`."""
+
+    def claim(
+        self, request: h11.Request, peer: str
+    ) -> Callable[[h11.Connection, trio.abc.Stream], Awaitable[bool]] | None: ...
+
+
 async def accept_websocket(
-    stream: trio.abc.Stream, path: str, *, cover_page: bool
+    stream: trio.abc.Stream,
+    path: str,
+    *,
+    cover_page: bool,
+    web: RequestClaimer | None = None,
+    peer: str = "-",
 ) -> WebSocketStream | None:
     """Serve HTTP on ``stream`` until a valid upgrade of ``path`` arrives; ``None`` when the
-    peer went away. Other requests get the cover page (``/``, when ``cover_page``) or a 404."""
+    peer went away. Requests ``web`` claims are its own (split HTTP, polling; ``peer`` is the
+    connection's address); others get the cover page (``/``, when ``cover_page``) or a 404."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     try:
-        return await _serve_http(stream, conn, path, cover_page)
-    except h11.RemoteProtocolError:
+        return await _serve_http(stream, conn, path, cover_page, web, peer)
+    except h11.ProtocolError:
         return None  # not HTTP, or HTTP too broken to answer: close
 
 
 async def _serve_http(
-    stream: trio.abc.Stream, conn: h11.Connection, path: str, cover_page: bool
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    path: str,
+    cover_page: bool,
+    web: RequestClaimer | None,
+    peer: str,
 ) -> WebSocketStream | None:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(MAX_HEAD)
-            conn.receive_data(data)
-            continue
+            with trio.move_on_after(READ_TIMEOUT):
+                conn.receive_data(await stream.receive_some(MAX_HEAD))
+                continue
+            return None  # a request head this slow is no client of ours
         if not isinstance(event, h11.Request):
             return None  # the peer closed
         if is_upgrade_for(event, path):
@@ -201,6 +258,12 @@ async def _serve_http(
             forwarded = _headers(event).get(b"x-forwarded-for", b"").decode("latin-1")
             ws.forwarded_for = forwarded.rsplit(",", 1)[-1].strip() or None
             return ws
+        handler = web.claim(event, peer) if web is not None else None
+        if handler is not None:
+            if not await handler(conn, stream):
+                return None
+            conn = _fresh(conn)
+            continue
         target = event.target.split(b"?", 1)[0]
         keep = _headers(event).get(b"connection", b"").lower() != b"close"
         if cover_page and event.method in (b"GET", b"HEAD") and target in (b"/", b"/index.html"):
@@ -244,8 +307,7 @@ async def open_websocket(stream: trio.abc.Stream, host: str, path: str) -> WebSo
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
     headers = [
         ("Host", host),
-        ("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 "
-         "Firefox/128.0"),
+        ("User-Agent", USER_AGENT),
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
         ("Sec-WebSocket-Key", key),
@@ -267,5 +329,6 @@ async def open_websocket(stream: trio.abc.Stream, host: str, path: str) -> WebSo
             trailing, _ = conn.trailing_data
             return WebSocketStream(stream, client_side=True, trailing=bytes(trailing))
         if isinstance(event, h11.Response | h11.InformationalResponse):
+            check_status(event.status_code, "the WebSocket upgrade")
             raise RemoteProtocolError(f"the bridge's web server answered {event.status_code}")
         raise RemoteProtocolError("the bridge's web server closed the connection")

@@ -64,7 +64,8 @@ class BridgeSection:
     listen: str = option(default="127.0.0.1:8443", check=_check_listen)
     #: seconds a client's clock may differ from ours before its hello is refused
     clock_window: int = option(default=120, check=between(10, 3600))
-    #: how clients reach the bridge: "raw" TCP, or "ws" (WebSocket on the secret ``path``)
+    #: how clients reach the bridge: "raw" TCP, or "ws": the web carriers on the secret
+    #: ``path`` (WebSocket, and for CDNs split HTTP and polling, all on that one path)
     carrier: Literal["raw", "ws"] = "raw"
     #: ws: the secret path, as in the bridge URI (nginx forwards only this path)
     path: str | None = option(default=None, check=_check_path)
@@ -80,6 +81,9 @@ class BridgeSection:
     sessions_per_minute: int = option(default=30, check=between(0, 100000))
     #: most streams (connections) one session may carry at once
     max_streams: int = option(default=1024, check=between(1, 65535))
+    #: seconds a session whose carrier broke is kept, streams and their connections open,
+    #: waiting for its client to resume it over a new carrier (0: sessions end with the carrier)
+    resume_window: int = option(default=60, check=between(0, 3600))
 
     def validate(self) -> None:
         if self.carrier == "ws":

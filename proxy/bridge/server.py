@@ -7,7 +7,13 @@ A client dials the bridge and sends an optional first-byte prefix (see
 connection (names resolved here, Happy Eyeballs by :func:`~proxy.net.dial.open_tcp`), relayed
 with the mux's flow control.
 
-Anything else - random bytes, a replayed or stale hello, a cut-off hello, a wrong prefix,
+A carrier may also open with a resume hello (:mod:`proxy.protocols.bridge.resume`): the session
+it names, kept with its streams and their outbound connections for ``resume_window`` seconds
+after its carrier broke, moves onto the new carrier and carries on. Resumes do not count
+against ``sessions_per_minute`` (a client rotating carriers makes many).
+
+Anything else - random bytes, a replayed or stale hello or resume hello, a resume for a session
+this bridge does not keep, a cut-off hello, a wrong prefix,
 silence, a client over its session rate - gets nothing at all: the server keeps reading for a
 random while and then closes with a plain FIN, so a probe learns no length, no answer and no
 timing that tells the bridge apart from a server waiting for its own protocol.
@@ -36,8 +42,15 @@ import trio
 
 from proxy.bridge.carriers import accept_websocket
 from proxy.bridge.config import BridgeConfig, DestinationsSection, load_bridge_config
+from proxy.bridge.httpcarriers import ServerCarrier, WebCarrierHub
 from proxy.bridge.identity import BridgeIdentity, load_identity
-from proxy.bridge.session import CARRIER_ERRORS, BridgeSession, MuxStream
+from proxy.bridge.session import (
+    CARRIER_ERRORS,
+    STREAM_READ,
+    BridgeSession,
+    MuxStream,
+    Reattached,
+)
 from proxy.config import parse_listen
 from proxy.errors import (
     ConfigError,
@@ -53,11 +66,22 @@ from proxy.net.relay import relay
 from proxy.protocols.bridge import (
     BridgeConnection,
     ConnectionState,
-    Event,
     ReplayCache,
     ResetCode,
+    Role,
 )
+from proxy.protocols.bridge.handshake import Pending, Rejected
 from proxy.protocols.bridge.prefix import check_prefix, prefix_length
+from proxy.protocols.bridge.resume import (
+    FirstMessage,
+    FreshHello,
+    ResumeRequest,
+    ResumeTicket,
+    SessionLedger,
+    check_resume,
+    read_first_message,
+    resume_answer,
+)
 from proxy.resolve.base import Resolver
 from proxy.resolve.system import SystemResolver
 
@@ -197,9 +221,20 @@ class BridgeServer:
         self.rate = SessionRateLimit(config.bridge.sessions_per_minute)
         self.resolver: Resolver = resolver or SystemResolver()
         self.sessions_opened = 0
+        self.sessions_resumed = 0
+        #: open sessions by their resume id (kept through carrier breaks for resume_window)
+        self.sessions: dict[bytes, BridgeSession] = {}
         self.probes_silenced = 0
         self.tls: ssl.SSLContext | None = None
+        self._nursery: trio.Nursery | None = None
         section = config.bridge
+        #: the split-HTTP and polling carriers, on the web carrier's secret path
+        self.web: WebCarrierHub | None = None
+        if section.carrier == "ws":
+            self.web = WebCarrierHub(
+                identity.secret, section.path or "/", self._start_web_carrier,
+                window=float(section.clock_window),
+            )  # fmt: skip
         if section.tls_certificate is not None and section.tls_key is not None:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.tls.set_alpn_protocols(["http/1.1"])
@@ -221,106 +256,173 @@ class BridgeServer:
             for lst in listeners
         )
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(trio.serve_listeners, self.handle_carrier, listeners)
             task_status.started(BridgeListening(bound))
 
-    async def handle_carrier(self, carrier: trio.abc.Stream) -> None:
-        """One carrier connection: handshake, then the session, or silence."""
+    def _start_web_carrier(self, carrier: ServerCarrier, client: str) -> None:
+        """A new split-HTTP or polling carrier: its session runs beside the requests."""
+        assert self._nursery is not None  # requests only arrive while serve() runs
+        self._nursery.start_soon(self.handle_carrier, carrier, client)
+
+    async def handle_carrier(self, carrier: trio.abc.Stream, client: str | None = None) -> None:
+        """One carrier connection: handshake, then the session, or silence. ``client`` comes
+        with a carrier that the web server loop already opened (split HTTP, polling)."""
+        handed_over = False  # a resumed session owns its new carrier
         try:
-            client = _peer_ip(carrier)
-            if self.config.bridge.carrier == "ws":
-                web = await self._web_carrier(carrier)
-                if web is None:
-                    return
-                carrier, client = web
-            conn = BridgeConnection.server(
-                self.line,
-                self._private,
-                self.replay,
-                rng=os.urandom,
-                max_streams=self.config.bridge.max_streams,
-            )
-            if not self.rate.allow(client, time.monotonic()):
-                log.info("bridge: %s is over its session rate; silenced", client)
-                await self._silence(carrier)
-                return
-            events: list[Event] = []
+            if client is None:
+                client = _peer_ip(carrier)
+                if self.config.bridge.carrier == "ws":
+                    web = await self._web_carrier(carrier)
+                    if web is None:
+                        return
+                    carrier, client = web
+            first: FirstMessage = Rejected("no hello in time")
+            data = b""
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                events = await self._handshake(carrier, conn)
-            if conn.state is not ConnectionState.OPEN:
-                reason = next((getattr(e, "reason", "") for e in events), "") or "no valid hello"
-                log.info("bridge: carrier from %s refused (%s); silenced", client, reason)
-                await self._silence(carrier)
+                first, data = await self._first_message(carrier)
+            if isinstance(first, ResumeRequest):
+                handed_over = await self._resume(carrier, client, first, len(data))
                 return
-            self.sessions_opened += 1
-            log.info("bridge: session from %s opened", client)
-            session = BridgeSession(conn, carrier)
-            await session.run(self._serve_stream, initial=events)
-            log.info("bridge: session from %s ended (%s)", client, session.error)
+            if isinstance(first, FreshHello):
+                await self._fresh_session(carrier, client, data)
+                return
+            reason = first.reason if isinstance(first, Rejected) else "no valid hello"
+            log.info("bridge: carrier from %s refused (%s); silenced", client, reason)
+            await self._silence(carrier)
         except Exception as exc:  # the per-connection top level: one line, keep serving
             log.warning("bridge: carrier failed: %s: %s", type(exc).__name__, exc)
         finally:
-            await trio.aclose_forcefully(carrier)
+            if not handed_over:
+                await trio.aclose_forcefully(carrier)
+
+    async def _fresh_session(self, carrier: trio.abc.Stream, client: str, hello: bytes) -> None:
+        """A hello: the handshake, then the session until it ends (kept through carrier
+        breaks for ``resume_window`` seconds), or silence."""
+        if not self.rate.allow(client, time.monotonic()):
+            log.info("bridge: %s is over its session rate; silenced", client)
+            await self._silence(carrier)
+            return
+        conn = BridgeConnection.server(
+            self.line,
+            self._private,
+            self.replay,
+            rng=os.urandom,
+            max_streams=self.config.bridge.max_streams,
+        )
+        events = conn.receive_data(hello, time.time())
+        if conn.state is not ConnectionState.OPEN or conn.keys is None:
+            reason = next((getattr(e, "reason", "") for e in events), "") or "no valid hello"
+            log.info("bridge: carrier from %s refused (%s); silenced", client, reason)
+            await self._silence(carrier)
+            return
+        records = b"".join(conn.records_to_send())  # numbered by the ledger, unlike the reply
+        reply = conn.data_to_send()
+        try:
+            await carrier.send_all(reply + records)
+        except CARRIER_ERRORS:
+            return
+        self.sessions_opened += 1
+        ticket = ResumeTicket.from_keys(conn.keys, Role.SERVER)
+        ledger = SessionLedger(conn, sent=records, received=conn.handshake_trailing)
+        session = BridgeSession(conn, carrier, ledger=ledger, ticket=ticket)
+        self.sessions[ticket.session_id] = session
+        log.info("bridge: session from %s opened", client)
+        try:
+            await session.run(
+                self._serve_stream, initial=events, linger=self.config.bridge.resume_window
+            )
+        finally:
+            if self.sessions.get(ticket.session_id) is session:
+                del self.sessions[ticket.session_id]
+        log.info(
+            "bridge: session from %s ended after %d carrier(s) (%s)",
+            client, session.carriers, session.error,
+        )  # fmt: skip
+
+    async def _resume(
+        self, carrier: trio.abc.Stream, client: str, request: ResumeRequest, read: int
+    ) -> bool:
+        """A resume hello: move its session onto ``carrier`` (True), or silence (False)."""
+        session = self.sessions.get(request.session_id)
+        ticket = session.ticket if session is not None else None
+        refused = check_resume(request, ticket, self.replay, time.time())
+        if refused is not None or session is None or ticket is None:
+            log.info("bridge: resume from %s refused (%s); silenced", client, refused)
+            await self._silence(carrier)
+            return False
+
+        async def exchange(received: int) -> Reattached:
+            answer = resume_answer(self.line, ticket, request, received, os.urandom)
+            await carrier.send_all(answer)
+            return Reattached(request.offset, request.trailing, len(answer), read)
+
+        try:
+            await session.swap(carrier, exchange)
+        except CARRIER_ERRORS as exc:
+            log.info("bridge: resume from %s failed: %s", client, exc)
+            return False
+        self.sessions_resumed += 1
+        log.info("bridge: session resumed by %s (carrier %d)", client, session.carriers)
+        while session.carrier is carrier and not session.dead:  # the listener closes it after
+            await session.changed.wait()
+        return True
 
     async def _web_carrier(self, tcp: trio.abc.Stream) -> tuple[trio.abc.Stream, str] | None:
         """TLS (standalone) and HTTP until a WebSocket upgrade of the secret path; ``None``
-        when the connection ended without one (it got the cover page or 404s)."""
+        when the connection ended without one (it got the cover page or 404s, or carried
+        split-HTTP or polling requests: no time limit on those, each read has its own)."""
         stream: trio.abc.Stream = tcp
         client = _peer_ip(tcp)
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            if self.tls is not None:
-                stream = trio.SSLStream(tcp, self.tls, server_side=True)
+        if self.tls is not None:
+            stream = trio.SSLStream(tcp, self.tls, server_side=True)
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
                 try:
                     await stream.do_handshake()
                 except CARRIER_ERRORS:
                     return None
-            try:
-                ws = await accept_websocket(
-                    stream, self.config.bridge.path or "/", cover_page=self.tls is not None
-                )
-            except CARRIER_ERRORS:
+            if handshake.cancelled_caught:
                 return None
-            if ws is None:
-                return None
-            forwarded = ws.forwarded_for
-            if _is_loopback(client) and forwarded is not None and _is_ip(forwarded):
-                client = forwarded  # behind nginx on loopback: the real client
-            return ws, client
-        return None
+        try:
+            ws = await accept_websocket(
+                stream, self.config.bridge.path or "/", cover_page=self.tls is not None,
+                web=self.web, peer=client,
+            )  # fmt: skip
+        except CARRIER_ERRORS:
+            return None
+        if ws is None:
+            return None
+        forwarded = ws.forwarded_for
+        if _is_loopback(client) and forwarded is not None and _is_ip(forwarded):
+            client = forwarded  # behind nginx on loopback: the real client
+        return ws, client
 
-    async def _handshake(self, carrier: trio.abc.Stream, conn: BridgeConnection) -> list[Event]:
-        """Read the prefix and the hello; returns the connection's events (state tells)."""
+    async def _first_message(self, carrier: trio.abc.Stream) -> tuple[FirstMessage, bytes]:
+        """Read the prefix and the first message (a hello or a resume hello): what it is, and
+        every byte of it and after it read so far."""
         kind = self.config.bridge.prefix
         pending = b""
         need = prefix_length(kind)
+        received = b""
         while True:
             try:
                 data = await carrier.receive_some(65536)
             except CARRIER_ERRORS:
-                return []
+                return Rejected("carrier broke during the hello"), b""
             if not data:
-                if need:
-                    return []
-                return conn.receive_eof()
+                return Rejected("hello truncated"), b""
             if need:
                 pending += data
                 verdict = check_prefix(kind, pending)
                 if verdict is None:
                     continue
                 if not verdict:
-                    return []
+                    return Rejected("wrong prefix"), b""
                 data, pending, need = pending[need:], b"", 0
-                if not data:
-                    continue
-            events = conn.receive_data(data, time.time())
-            if conn.state is not ConnectionState.HANDSHAKE:
-                if conn.state is ConnectionState.OPEN:
-                    out = conn.data_to_send()
-                    try:
-                        await carrier.send_all(out)
-                    except CARRIER_ERRORS:
-                        return []
-                return events
+            received += data
+            first = read_first_message(self.line, received)
+            if not isinstance(first, Pending):
+                return first, received
 
     async def _silence(self, carrier: trio.abc.Stream) -> None:
         """Say nothing: read and discard for a random while, then close (a FIN, not a RST)."""
@@ -348,7 +450,9 @@ class BridgeServer:
             await stream.reset(ResetCode.NOT_ALLOWED)
             return
         try:
-            await relay(stream, target, idle_timeout=IDLE_TIMEOUT, closing=True)
+            await relay(
+                stream, target, idle_timeout=IDLE_TIMEOUT, closing=True, buffer_size=STREAM_READ
+            )
         finally:
             await trio.aclose_forcefully(target)
             await stream.aclose()

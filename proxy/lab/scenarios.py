@@ -529,10 +529,29 @@ def _inside_lab(strategy: StrategyConfig) -> StrategyConfig:
             pass  # a name: not in the lab
         host, port = split_server(OUTSIDE_LAB)
         return replace(strategy, uri=str(replace(uri, host=host, port=port)))
+    if strategy.type == "front" and strategy.uri:
+        return replace(strategy, fronts=_fronts_inside_lab(strategy))
     server = strategy.server or ("127.0.0.1:9050" if strategy.type == "tor" else None)
     if server is None or ipaddress.ip_address(split_server(server)[0]).is_loopback:
         return strategy
     return replace(strategy, server=OUTSIDE_LAB)
+
+
+def _fronts_inside_lab(strategy: StrategyConfig) -> tuple[str, ...]:
+    """A front strategy's candidates, those outside the lab sent nowhere (TLS name kept)."""
+    from proxy.strategies.front import fronts_of
+
+    assert strategy.uri is not None
+    fronts = []
+    for front in fronts_of(parse_bridge_uri(strategy.uri), strategy.fronts):
+        try:
+            inside = ipaddress.ip_address(front.address).is_loopback
+        except ValueError:
+            inside = False  # a name: not in the lab
+        address = f"[{front.address}]" if ":" in front.address else front.address
+        fronts.append(f"{front.name}@{address}:{front.port}" if inside else
+                      f"{front.name}@{OUTSIDE_LAB}")  # fmt: skip
+    return tuple(fronts)
 
 
 def _private_state(config: Config, lab: Lab) -> Config:

@@ -120,6 +120,8 @@ class LearnedMemory:
         # Insertion order is recency order: touched entries move to the end.
         self._sites: dict[tuple[str, str], dict[str, _Attempts]] = {}
         self._unhealthy: dict[tuple[str, str], float] = {}
+        # (network, carrier key) -> (bytes after which a bridge carrier froze, when)
+        self._carrier_limits: dict[tuple[str, str], tuple[int, float]] = {}
         self._dirty = False
         self._saved_at = -math.inf
         self._save_failing = False
@@ -187,6 +189,26 @@ class LearnedMemory:
             if net == network and rec is not None:
                 rec.ok_at = None
         self._dirty = True
+
+    def record_carrier_limit(
+        self, network: str, key: str, limit: int, *, at: float | None = None
+    ) -> None:
+        """A bridge carrier to ``key`` (the bridge's address) stalled on ``network`` after
+        carrying ``limit`` bytes (a volume freeze). The smallest such amount is kept."""
+        now = self._now(at)
+        known = self.carrier_limit(network, key, now=now)
+        if known is None or limit < known:
+            self._carrier_limits[(network, key)] = (limit, now)
+        else:
+            self._carrier_limits[(network, key)] = (known, now)
+        self._dirty = True
+
+    def carrier_limit(self, network: str, key: str, *, now: float | None = None) -> int | None:
+        """Bytes after which carriers to ``key`` froze on ``network`` lately, if they did."""
+        entry = self._carrier_limits.get((network, key))
+        if entry is None or not self._fresh(entry[1], self._now(now)):
+            return None
+        return entry[0]
 
     def mark_healthy(self, network: str, strategy: str) -> None:
         """A control probe through ``strategy`` succeeded again: lift the mark."""
@@ -302,7 +324,13 @@ class LearnedMemory:
             {"network": network, "strategy": strategy, "at": at}
             for (network, strategy), at in self._unhealthy.items()
         ]
+        limits = [
+            {"network": network, "key": key, "bytes": limit, "at": at}
+            for (network, key), (limit, at) in self._carrier_limits.items()
+        ]
         doc = {"version": STATE_VERSION, "sites": sites, "unhealthy": unhealthy}
+        if limits:
+            doc["carrier_limits"] = limits
         return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode()
 
     def save(self) -> None:
@@ -364,6 +392,9 @@ class LearnedMemory:
                     del strategies[name]
             if not strategies:
                 del self._sites[key]
+        for key, (_, at) in list(self._carrier_limits.items()):
+            if not self._fresh(at, now):
+                del self._carrier_limits[key]
         for key, at in list(self._unhealthy.items()):
             if not self._fresh(at, now):
                 del self._unhealthy[key]
@@ -408,7 +439,9 @@ class LearnedMemory:
             self._set_aside(path, f"cannot read it ({exc.strerror or exc})")
             return
         try:
-            sites, unhealthy = _parse_state(json.loads(raw))
+            doc = json.loads(raw)
+            sites, unhealthy = _parse_state(doc)
+            limits = _parse_carrier_limits(doc)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._set_aside(path, f"it is not a valid state file ({exc})")
             return
@@ -417,6 +450,7 @@ class LearnedMemory:
                 del self._sites[next(iter(self._sites))]
             self._sites[key] = strategies
         self._unhealthy = unhealthy
+        self._carrier_limits = limits
         self.prune()
 
     def _set_aside(self, path: Path, why: str) -> None:
@@ -491,6 +525,16 @@ def _parse_state(
     for item in _list(doc.get("unhealthy", [])):
         unhealthy[(_str(item["network"]), _str(item["strategy"]))] = _time(item["at"])
     return sites, unhealthy
+
+
+def _parse_carrier_limits(doc: dict[str, object]) -> dict[tuple[str, str], tuple[int, float]]:
+    limits: dict[tuple[str, str], tuple[int, float]] = {}
+    for item in _list(doc.get("carrier_limits", [])):
+        size = item["bytes"]
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError("bad carrier limit")
+        limits[(_str(item["network"]), _str(item["key"]))] = (size, _time(item["at"]))
+    return limits
 
 
 def _list(x: object) -> list[dict[str, object]]:

@@ -96,7 +96,21 @@ def build_strategy(cfg: StrategyConfig, direct: DirectStrategy) -> Strategy:
 
         assert cfg.uri is not None  # checked by StrategyConfig.validate
         uri = parse_bridge_uri(cfg.uri)
-        return BridgeStrategy(cfg.name, uri, connect_timeout=timeout, cafile=cfg.cafile)
+        return BridgeStrategy(
+            cfg.name, uri, connect_timeout=timeout, cafile=cfg.cafile, rotate_after=cfg.rotate_after
+        )
+    if cfg.type == "front":
+        from proxy.bridge.identity import parse_bridge_uri
+        from proxy.strategies.front import FrontStrategy, fronts_of
+
+        assert cfg.uri is not None  # checked by StrategyConfig.validate
+        uri = parse_bridge_uri(cfg.uri)
+        front = FrontStrategy(
+            cfg.name, uri, fronts=fronts_of(uri, cfg.fronts), carriers=cfg.carriers,
+            connect_timeout=timeout, cafile=cfg.cafile,
+        )  # fmt: skip
+        front.rotate_after = cfg.rotate_after
+        return front
     if cfg.type == "tor":
         server = split_server(cfg.server) if cfg.server else ("127.0.0.1", 9050)
         return tor_strategy(
@@ -169,6 +183,10 @@ class Router:
         self.memory = memory
         self.evidence = evidence
         self.network = network
+        for strategy in self.strategies.values():
+            use_memory = getattr(strategy, "use_memory", None)  # bridge and front strategies
+            if use_memory is not None and memory is not None and self.learn:
+                use_memory(memory, network)
         #: how relayed connections are watched for freezes and throttling
         self.monitor = MonitorSettings(
             freeze_min=config.router.freeze_min_bytes,

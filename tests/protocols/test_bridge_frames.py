@@ -6,6 +6,8 @@ import random
 import string
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,6 +15,8 @@ from proxy.errors import LocalProtocolError, RemoteProtocolError
 from proxy.protocols.bridge.frames import (
     MAX_DATA,
     MAX_WINDOW,
+    Ack,
+    Bye,
     Close,
     Data,
     Frame,
@@ -32,6 +36,7 @@ from proxy.protocols.bridge.records import (
     MAX_PLAINTEXT,
     RecordOpener,
     RecordSealer,
+    _next_key,
 )
 
 KEY = bytes(range(32))
@@ -54,6 +59,8 @@ plain_frames = st.one_of(
     st.builds(Window, stream_ids, st.integers(1, MAX_WINDOW)),
     st.builds(Ping, st.binary(min_size=8, max_size=8)),
     st.builds(Pong, st.binary(min_size=8, max_size=8)),
+    st.builds(Ack, st.integers(0, (1 << 64) - 1)),
+    st.builds(Bye),
 )
 
 
@@ -98,7 +105,8 @@ def test_bridge_frames_pad_swallows_the_rest_of_the_record() -> None:
 @pytest.mark.parametrize(
     ("wire", "message"),
     [
-        (b"\x09", "unknown"),
+        (b"\x0a", "unknown"),
+        (b"\x08\x00\x00", "truncated"),
         (b"\x01\x00\x00\x00\x01\x00\x05ab", "truncated"),
         (b"\x02\x00\x00\x00\x01\x00\x00\x01a", "port 0"),
         (b"\x02\x00\x00\x00\x01\x01\xbb\x00", "domain"),
@@ -187,12 +195,15 @@ def test_bridge_records_every_flipped_bit_closes_without_plaintext() -> None:
 def test_bridge_records_reordered_or_replayed_are_rejected() -> None:
     sealer, opener = pair()
     one, two = sealer.seal(b"one"), sealer.seal(b"two")
+    # the length of a record out of place unmasks to a random size: the tag check fails once
+    # that many bytes are in (or at once, when the size is out of range)
+    rest = bytes(MAX_CIPHERTEXT + 2)
     with pytest.raises(RemoteProtocolError, match="tampered"):
-        opener.receive_data(two + one)
+        opener.receive_data(two + one + rest)
     _, opener = pair()
     assert opener.receive_data(one) == [b"one"]
     with pytest.raises(RemoteProtocolError, match="tampered"):
-        opener.receive_data(one)
+        opener.receive_data(one + rest)
 
 
 def test_bridge_records_truncated_stream_is_an_error() -> None:
@@ -267,3 +278,47 @@ def test_bridge_padding_light_regime_pads_a_minority_of_records() -> None:
         shape.padding_for(1000, heavy=False, rand=r.getrandbits(32)) > 0 for _ in range(4000)
     )
     assert 4000 / 20 < padded < 4000 / 3
+
+
+@given(
+    st.lists(st.integers(1, MAX_PLAINTEXT), min_size=1, max_size=6),
+    st.integers(1, 4),
+    st.lists(st.integers(1, 3 * MAX_CIPHERTEXT), max_size=10),
+)
+def test_bridge_records_sealed_in_batches_open_in_any_chunking(
+    sizes: list[int], rekey_interval: int, reads: list[int]
+) -> None:
+    # batches of full-size records, across rekeys, read back in pieces of any size
+    sealer, opener = pair(rekey_interval=rekey_interval)
+    plaintexts = [random.Random(i).randbytes(size) for i, size in enumerate(sizes)]
+    one_by_one, _ = pair(rekey_interval=rekey_interval)
+    wire = bytes(sealer.seal_all(plaintexts))
+    assert wire == b"".join(one_by_one.seal(p) for p in plaintexts)
+    got: list[bytes] = []
+    pos = 0
+    for size in [*reads, len(wire)]:
+        got += opener.receive_data(memoryview(wire)[pos : pos + size])
+        pos += size
+    assert got == plaintexts
+    assert opener.buffered == 0
+
+
+def test_bridge_records_never_reuse_a_nonce_across_a_rekey() -> None:
+    # The first record after a rekey is sealed under the new key with counter 0: the old key
+    # never sees counter 0 twice.
+    sealer, _ = pair(rekey_interval=1)
+    first, second = sealer.seal(b"first"), sealer.seal(b"second")
+    nonce0 = bytes(12)
+    assert ChaCha20Poly1305(KEY).decrypt(nonce0, first[2:], first[:2]) == b"first"
+    new_key = _next_key(KEY, b"data")
+    assert ChaCha20Poly1305(new_key).decrypt(nonce0, second[2:], second[:2]) == b"second"
+    with pytest.raises(InvalidTag):
+        ChaCha20Poly1305(KEY).decrypt(nonce0, second[2:], second[:2])
+
+
+def test_bridge_records_seal_all_checks_every_size_before_sealing() -> None:
+    sealer, opener = pair()
+    with pytest.raises(LocalProtocolError):
+        sealer.seal_all([b"fine", b""])
+    assert sealer.records_sealed == 0  # nothing was sealed, no counter moved
+    assert opener.receive_data(sealer.seal(b"after")) == [b"after"]

@@ -114,3 +114,13 @@ def test_encoder_refuses_big_or_fragmented_control_frames_and_bad_masks() -> Non
         encode_frame(Opcode.CLOSE, b"", fin=False)
     with pytest.raises(LocalProtocolError):
         encode_frame(Opcode.BINARY, b"", mask=b"abc")
+
+
+@given(st.binary(max_size=70000), st.booleans(), st.binary(min_size=4, max_size=4))
+def test_encoder_takes_any_bytes_like_payload(payload: bytes, masked: bool, mask: bytes) -> None:
+    key = mask if masked else None
+    expected = encode_frame(Opcode.BINARY, payload, mask=key)
+    assert encode_frame(Opcode.BINARY, bytearray(payload), mask=key) == expected
+    assert encode_frame(Opcode.BINARY, memoryview(payload), mask=key) == expected
+    decoded = FrameDecoder(client_side=not masked).receive_data(expected)
+    assert decoded == [Frame(Opcode.BINARY, payload)]

@@ -487,3 +487,22 @@ def test_learn_a_forgotten_site_learned_again_meanwhile_is_kept(tmp_path: Path) 
     running.save()
     sites = {e.site for e in LearnedMemory(path, clock=lambda: 1000.0).entries()}
     assert sites == {"blocked.example"}
+
+
+def test_learned_carrier_limit_keeps_the_smallest_per_network_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "learned.json"
+    memory = LearnedMemory(path, ttl=100.0, clock=lambda: 1000.0)
+    assert memory.carrier_limit("home", "bridge 192.0.2.1:443") is None
+    memory.record_carrier_limit("home", "bridge 192.0.2.1:443", 20000)
+    memory.record_carrier_limit("home", "bridge 192.0.2.1:443", 16384)
+    memory.record_carrier_limit("home", "bridge 192.0.2.1:443", 30000)  # a later, larger stall
+    assert memory.carrier_limit("home", "bridge 192.0.2.1:443") == 16384
+    assert memory.carrier_limit("cafe", "bridge 192.0.2.1:443") is None
+    memory.save()
+    again = LearnedMemory(path, ttl=100.0, clock=lambda: 1050.0)
+    assert again.carrier_limit("home", "bridge 192.0.2.1:443") == 16384
+    assert again.carrier_limit("home", "bridge 192.0.2.1:443", now=1200.0) is None  # expired
+    later = LearnedMemory(path, ttl=100.0, clock=lambda: 1200.0)
+    assert later.carrier_limit("home", "bridge 192.0.2.1:443") is None

@@ -109,6 +109,10 @@ class BridgeConnection:
         self._rekey_interval = rekey_interval
         self._sealer: RecordSealer | None = None
         self._opener: RecordOpener | None = None
+        #: the agreed keys, once the handshake is over (a session layer derives its resumption
+        #: secret from them), and how many record bytes arrived with the handshake's last message
+        self.keys: SessionKeys | None = None
+        self.handshake_trailing = 0
         self._outgoing = bytearray()
 
     @classmethod
@@ -208,6 +212,8 @@ class BridgeConnection:
             keys.receive_key, keys.receive_length_key, rekey_interval=interval
         )
         self._move(Step.KEYS_AGREED)
+        self.keys = keys
+        self.handshake_trailing = len(trailing)
         events: list[Event] = [HandshakeCompleted(keys.transcript_hash)]
         if trailing:
             events += self._receive_records(trailing)
@@ -229,16 +235,27 @@ class BridgeConnection:
         seal = self._sealer.seal
         return [seal(plaintext) for plaintext in self.mux.records_to_send()]
 
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the carrier now: the handshake message, then sealed records."""
+    @property
+    def has_data_to_send(self) -> bool:
+        """:meth:`data_to_send` would return bytes (a writer need not wake up otherwise)."""
+        if self.state in (ConnectionState.REJECTED, ConnectionState.CLOSED):
+            return False
+        return bool(self._outgoing) or (self.state is ConnectionState.OPEN and self.mux.has_queued)
+
+    def data_to_send(self) -> bytes | bytearray:
+        """Bytes to write to the carrier now: the handshake message, then sealed records (a
+        new buffer each call, the caller's to keep)."""
         if self.state in (ConnectionState.REJECTED, ConnectionState.CLOSED):
             return b""
         out = self._outgoing
         self._outgoing = bytearray()
         if self.state is ConnectionState.OPEN and self._sealer is not None:
-            seal_into = self._sealer.seal_into
-            for plaintext in self.mux.records_to_send():
-                seal_into(plaintext, out)
+            records = self.mux.records_to_send()
+            if records:
+                sealed = self._sealer.seal_all(records)  # one buffer for every record
+                if not out:
+                    return sealed  # handed over as it is: bulk data is not copied again
+                out += sealed
         return bytes(out)
 
     # ------------------------------------------------------------------ streams (see Mux)
@@ -247,7 +264,7 @@ class BridgeConnection:
         self._check_usable()
         return self.mux.open_stream(host, port)
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         self._check_usable()
         self.mux.send_data(stream_id, data)
 

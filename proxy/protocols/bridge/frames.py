@@ -10,6 +10,8 @@ A record's plaintext is one or more frames back to back. Every frame starts with
     WINDOW 0x05 | stream u32 | increment u32    the sender may send ``increment`` more bytes
     PING   0x06 | opaque 8
     PONG   0x07 | opaque 8                      echo of a PING's opaque bytes
+    ACK    0x08 | offset u64                    the sender has received this many record bytes
+    BYE    0x09                                 the sender ends the session: do not resume it
 
 PAD must be the last frame of its record; a record may be nothing but PAD (cover traffic).
 :func:`decode_frames` raises only :class:`~proxy.errors.RemoteProtocolError`, whatever the input.
@@ -22,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from proxy.errors import RemoteProtocolError
+from proxy.protocols.bridge.records import MAX_PLAINTEXT
 from proxy.protocols.socks5 import decode_domain
 
 
@@ -34,6 +37,8 @@ class FrameType(enum.IntEnum):
     WINDOW = 0x05
     PING = 0x06
     PONG = 0x07
+    ACK = 0x08
+    BYE = 0x09
 
 
 class ResetCode(enum.IntEnum):
@@ -52,7 +57,7 @@ class ResetCode(enum.IntEnum):
 MAX_STREAM_ID = 0xFFFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 #: the largest DATA payload of one frame (fits in one record with its 7-byte header)
-MAX_DATA = 16384 - 7
+MAX_DATA = MAX_PLAINTEXT - 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +105,39 @@ class Pong:
     opaque: bytes
 
 
-Frame = Pad | Data | Open | Close | Reset | Window | Ping | Pong
+@dataclass(frozen=True, slots=True)
+class Ack:
+    offset: int  # sealed-record bytes received so far (see resume.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    pass
+
+
+Frame = Pad | Data | Open | Close | Reset | Window | Ping | Pong | Ack | Bye
 
 _SID = struct.Struct(">BI")
 _DATA = struct.Struct(">BIH")
 _OPEN = struct.Struct(">BIHB")
 _RESET = struct.Struct(">BIB")
 _WINDOW = struct.Struct(">BII")
+_ACK = struct.Struct(">BQ")
+
+
+DATA_HEADER_LEN = _DATA.size
+
+
+def data_frame_span(plaintext: bytes | bytearray) -> tuple[int, int] | None:
+    """``(stream id, end of the payload)`` when ``plaintext`` is one whole DATA frame, maybe
+    followed by padding (the shape of every bulk record); ``None`` for anything else."""
+    if len(plaintext) < DATA_HEADER_LEN or plaintext[0] != FrameType.DATA:
+        return None
+    _, stream_id, length = _DATA.unpack_from(plaintext)
+    end = DATA_HEADER_LEN + length
+    if end == len(plaintext) or (end < len(plaintext) and plaintext[end] == FrameType.PAD):
+        return stream_id, end
+    return None
 
 
 def encode_data_header(stream_id: int, length: int) -> bytes:
@@ -141,6 +172,12 @@ def encode_frame(frame: Frame) -> bytes:
                 raise ValueError("PING/PONG carry exactly 8 opaque bytes")
             kind = FrameType.PING if isinstance(frame, Ping) else FrameType.PONG
             return bytes([kind]) + opaque
+        case Ack(offset):
+            if not 0 <= offset < 1 << 64:
+                raise ValueError("ACK offset must fit in 64 bits")
+            return _ACK.pack(FrameType.ACK, offset)
+        case Bye():
+            return bytes([FrameType.BYE])
     raise ValueError(f"not a frame: {frame!r}")
 
 
@@ -200,6 +237,13 @@ def decode_frames(plaintext: bytes) -> list[Frame]:
             opaque = plaintext[pos + 1 : pos + 9]
             frames.append(Ping(opaque) if kind == FrameType.PING else Pong(opaque))
             pos += 9
+        elif kind == FrameType.ACK:
+            _need(plaintext, pos, _ACK.size, "ACK")
+            frames.append(Ack(_ACK.unpack_from(plaintext, pos)[1]))
+            pos += _ACK.size
+        elif kind == FrameType.BYE:
+            frames.append(Bye())
+            pos += 1
         else:
             raise RemoteProtocolError(f"bridge frame type {kind:#04x} is unknown")
     return frames

@@ -8,10 +8,11 @@ never sends more DATA than its credit (:meth:`Mux.send_data` raises
 ``LocalProtocolError`` rather than overrun); a receiver that gets more than it granted treats it
 as a protocol error that ends the session. Credit comes back in WINDOW frames once the
 application says it consumed the bytes (:meth:`Mux.acknowledge_data`), batched so a WINDOW goes
-out per quarter window, not per read. CLOSE is a half-close (the sender is done, it still reads);
-RESET drops the stream both ways at once. Frames for a stream that was already closed or reset
-are ignored (they crossed our RESET in flight); frames for a stream id that was never opened are
-a protocol error.
+out per quarter window, not per read (so up to a quarter window less one byte may stay held back
+until more is consumed; a sender is never left without room). CLOSE is a half-close (the sender
+is done, it still reads); RESET drops the stream both ways at once. Frames for a stream that was
+already closed or reset are ignored (they crossed our RESET in flight); frames for a stream id
+that was never opened are a protocol error.
 
 The mux speaks plaintext records (lists of frames) and knows nothing about keys, so it can be
 tested without cryptography and a session layer can later sit under it unchanged.
@@ -24,8 +25,11 @@ from dataclasses import dataclass
 
 from proxy.errors import LocalProtocolError, RemoteProtocolError
 from proxy.protocols.bridge.frames import (
+    DATA_HEADER_LEN,
     MAX_DATA,
     MAX_WINDOW,
+    Ack,
+    Bye,
     Close,
     Data,
     Frame,
@@ -36,6 +40,7 @@ from proxy.protocols.bridge.frames import (
     Reset,
     ResetCode,
     Window,
+    data_frame_span,
     decode_frames,
     encode_data_header,
     encode_frame,
@@ -44,8 +49,11 @@ from proxy.protocols.bridge.handshake import RandomSource
 from proxy.protocols.bridge.padding import PaddingShape
 from proxy.protocols.bridge.records import MAX_PLAINTEXT
 
-INITIAL_WINDOW = 256 * 1024
-SESSION_WINDOW = 4 * 1024 * 1024
+#: a stream's credit: one window per round trip is a stream's top speed (2 MiB at 200 ms is
+#: 10 MB/s), and the most a receiver buffers for it
+INITIAL_WINDOW = 2 * 1024 * 1024
+#: the whole session's credit: the most one peer makes the other buffer, however many streams
+SESSION_WINDOW = 16 * 1024 * 1024
 DEFAULT_MAX_STREAMS = 1024
 
 
@@ -68,10 +76,11 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Bytes for a stream; call :meth:`Mux.acknowledge_data` once they are consumed."""
+    """Bytes for a stream; call :meth:`Mux.acknowledge_data` once they are consumed. A
+    ``bytearray`` (bulk data, handed over without a copy) is the receiver's to keep."""
 
     stream_id: int
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,18 @@ class PongReceived:
     opaque: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """The peer has received ``offset`` bytes of our sealed records (for the session layer)."""
+
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ByeReceived:
+    """The peer ended the session on purpose: it will not be resumed."""
+
+
 MuxEvent = (
     StreamOpened
     | DataReceived
@@ -120,6 +141,8 @@ MuxEvent = (
     | WindowUpdated
     | PingReceived
     | PongReceived
+    | AckReceived
+    | ByeReceived
 )
 
 
@@ -210,19 +233,24 @@ class Mux:
         self._queue.append((frame, _Kind.CONTROL))
         return stream_id
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
-        """Queue ``data`` on a stream; never more than :meth:`send_window` bytes."""
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` on a stream; never more than :meth:`send_window` bytes.
+
+        The bytes are copied once, into the frames (``data`` may be reused at once).
+        """
         stream = self._sendable(stream_id)
         window = min(stream.send_window, self._session_send)
-        if len(data) > window:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if size > window:
             raise LocalProtocolError(
-                f"{len(data)} bytes exceed the {window}-byte window of stream {stream_id}"
+                f"{size} bytes exceed the {window}-byte window of stream {stream_id}"
             )
-        stream.send_window -= len(data)
-        self._session_send -= len(data)
+        stream.send_window -= size
+        self._session_send -= size
         heavy_left = self._shape.heavy_records
-        for start in range(0, len(data), MAX_DATA):
-            chunk = data[start : start + MAX_DATA]
+        for start in range(0, size, MAX_DATA):
+            chunk = view[start : start + MAX_DATA]
             kind = _Kind.HEAVY if stream.data_records < heavy_left else _Kind.DATA
             stream.data_records += 1
             self._queue.append((encode_data_header(stream_id, len(chunk)) + chunk, kind))
@@ -282,6 +310,14 @@ class Mux:
             raise LocalProtocolError("a ping carries exactly 8 opaque bytes")
         self._queue.append((encode_frame(Ping(opaque)), _Kind.CONTROL))
 
+    def send_ack(self, offset: int) -> None:
+        """Queue an ACK: we have received ``offset`` bytes of the peer's sealed records."""
+        self._queue.append((encode_frame(Ack(offset)), _Kind.CONTROL))
+
+    def send_bye(self) -> None:
+        """Queue a BYE: this end closes the session for good (no resumption)."""
+        self._queue.append((encode_frame(Bye()), _Kind.CONTROL))
+
     def send_padding(self, size: int) -> None:
         """Queue a record of nothing but ``size`` bytes of padding (cover traffic)."""
         if not 1 <= size <= MAX_PLAINTEXT:
@@ -323,6 +359,11 @@ class Mux:
         self._queue.clear()
         return records
 
+    @property
+    def has_queued(self) -> bool:
+        """Frames wait for :meth:`records_to_send`."""
+        return bool(self._queue)
+
     def discard_outgoing(self) -> None:
         """Forget every queued frame (the session broke: nothing more may leave)."""
         self._queue.clear()
@@ -337,9 +378,20 @@ class Mux:
 
     # ------------------------------------------------------------------------------- receiving
 
-    def receive_record(self, plaintext: bytes) -> list[MuxEvent]:
-        """Act on one record's frames; raises ``RemoteProtocolError`` on any rule broken."""
+    def receive_record(self, plaintext: bytes | bytearray) -> list[MuxEvent]:
+        """Act on one record's frames; raises ``RemoteProtocolError`` on any rule broken.
+
+        A ``bytearray`` that holds one DATA frame (and maybe padding), the shape of every bulk
+        record, is taken over: its header is cut off in place and the rest is delivered as the
+        :class:`DataReceived` bytes, without a copy.
+        """
         events: list[MuxEvent] = []
+        if type(plaintext) is bytearray and (bulk := data_frame_span(plaintext)) is not None:
+            stream_id, end = bulk
+            del plaintext[end:]  # the padding
+            del plaintext[:DATA_HEADER_LEN]  # O(1): the buffer's start just moves
+            self._receive_data(stream_id, plaintext, events)
+            return events
         for frame in decode_frames(plaintext):
             self._receive_frame(frame, events)
         return events
@@ -347,25 +399,7 @@ class Mux:
     def _receive_frame(self, frame: Frame, events: list[MuxEvent]) -> None:
         match frame:
             case Data(stream_id, data):
-                if len(data) > self._session_receive:
-                    raise RemoteProtocolError(
-                        "bridge peer overran the session's flow-control window"
-                    )
-                self._session_receive -= len(data)
-                stream = self._known(stream_id, "DATA")
-                if stream is None:  # crossed our RESET: nobody will consume it
-                    self._return_session_credit(len(data))
-                    return
-                if stream.remote_closed:
-                    raise RemoteProtocolError(f"bridge peer sent DATA after CLOSE on {stream_id}")
-                if len(data) > stream.receive_window:
-                    raise RemoteProtocolError(
-                        f"bridge peer overran the flow-control window of stream {stream_id}"
-                    )
-                stream.receive_window -= len(data)
-                if data:
-                    stream.delivered += len(data)
-                    events.append(DataReceived(stream_id, data))
+                self._receive_data(stream_id, data, events)
             case Open(stream_id, host, port):
                 if self.role is not Role.SERVER:
                     raise RemoteProtocolError("bridge server tried to open a stream")
@@ -413,8 +447,33 @@ class Mux:
                 events.append(PingReceived(opaque))
             case Pong(opaque):
                 events.append(PongReceived(opaque))
+            case Ack(offset):
+                events.append(AckReceived(offset))
+            case Bye():
+                events.append(ByeReceived())
             case Pad():
                 pass
+
+    def _receive_data(
+        self, stream_id: int, data: bytes | bytearray, events: list[MuxEvent]
+    ) -> None:
+        if len(data) > self._session_receive:
+            raise RemoteProtocolError("bridge peer overran the session's flow-control window")
+        self._session_receive -= len(data)
+        stream = self._known(stream_id, "DATA")
+        if stream is None:  # crossed our RESET: nobody will consume it
+            self._return_session_credit(len(data))
+            return
+        if stream.remote_closed:
+            raise RemoteProtocolError(f"bridge peer sent DATA after CLOSE on {stream_id}")
+        if len(data) > stream.receive_window:
+            raise RemoteProtocolError(
+                f"bridge peer overran the flow-control window of stream {stream_id}"
+            )
+        stream.receive_window -= len(data)
+        if data:
+            stream.delivered += len(data)
+            events.append(DataReceived(stream_id, data))
 
     # --------------------------------------------------------------------------------- helpers
 
