@@ -136,7 +136,7 @@ class InboundServer:
 
     async def _handle(self, sock: trio.socket.SocketType, peer: tuple[str, int]) -> None:
         self.active += 1
-        stream = FastStream(sock)
+        stream = FastStream(sock, tcp=True)  # accepted on an IPv4/IPv6 listener
         try:
             if self.protocol == "transparent":
                 # redirected clients may wait for the server to speak: no first-byte gate

@@ -96,9 +96,9 @@ def interleave_families(addresses: Sequence[IPAddress]) -> list[IPAddress]:
     The family of the first address goes first, then the families alternate; within a family the
     given (resolver's) order is kept. Duplicates are dropped.
     """
+    if len(addresses) < 2:  # an IP literal or a single answer: nothing to order
+        return list(addresses)
     unique = list(dict.fromkeys(addresses))
-    if not unique:
-        return []
     first = unique[0].version
     preferred = [a for a in unique if a.version == first]
     other = [a for a in unique if a.version != first]
@@ -274,7 +274,7 @@ async def _connect_socket(
         if err:
             raise OSError(err, os.strerror(err))
         # SocketStream turns TCP_NODELAY on by itself
-        stream = FastStream(trio.socket.from_stdlib_socket(sock))
+        stream = FastStream(trio.socket.from_stdlib_socket(sock), tcp=True)
         if not nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
     except BaseException:

@@ -1,7 +1,8 @@
 """Moving bytes both ways between two streams once a tunnel is up.
 
 :func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a relayed
-connection costs one extra task (two while a monitor watches it). Its rules:
+connection costs one extra task. Monitors are shown their counters by one task shared by every
+relay of the run (:class:`_Ticker`), not a task and a timer per connection. Its rules:
 
 * **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
   the opposite direction keeps flowing until it ends too. A stream that cannot half-close is left
@@ -27,6 +28,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
+import itertools
+import math
 import os
 import socket
 import struct
@@ -78,6 +82,7 @@ class _Shared:
     __slots__ = (
         "b_waits_on_a",
         "closing",
+        "error",
         "idle",
         "pumping",
         "refresh_at",
@@ -86,7 +91,6 @@ class _Shared:
         "stats",
         "streams",
         "tap",
-        "watching",
     )
 
     def __init__(
@@ -102,10 +106,10 @@ class _Shared:
         self.idle = idle
         self.slack = min(idle / 20, 1.0)
         self.streams = streams
-        #: directions still copying; the monitor's watcher is stopped when both are done
+        #: directions still copying
         self.pumping = 2
-        #: a monitor's watcher runs beside the directions
-        self.watching = False
+        #: what the monitor's ``on_degraded`` raised (the relay ends and raises it)
+        self.error: Exception | None = None
         now = trio.current_time()
         self.refresh_at = now + self.slack
         scope.deadline = now + idle + self.slack
@@ -118,12 +122,8 @@ class _Shared:
             self.scope.deadline = now + self.idle + self.slack
 
     def pump_done(self) -> None:
-        """One direction ended (for good): after the second, stop the watcher (by cancelling
-        the nursery, which then holds nothing else: :attr:`done` keeps that from reading as an
-        idle timeout)."""
+        """One direction ended by itself (EOF or a broken stream)."""
         self.pumping -= 1
-        if self.pumping == 0 and self.watching:
-            self.scope.cancel()
 
     @property
     def done(self) -> bool:
@@ -167,7 +167,7 @@ async def relay(
     instead of costing a ``shutdown()`` of its own. ``splice=False`` keeps every byte in
     user space (the zero-copy path is only used for TCP socket pairs on Linux anyway).
 
-    With a ``monitor`` (``a`` is the client, ``b`` the server), a watcher task looks at the
+    With a ``monitor`` (``a`` is the client, ``b`` the server), a shared task shows it the
     counters every ``monitor.settings.interval`` seconds and calls ``on_degraded`` once when the
     monitor finds a freeze or throttling; when that returns True the relay ends at once with a
     reset both ways (``stats.cut``), so a client stuck on a frozen connection retries at once.
@@ -180,23 +180,31 @@ async def relay(
     stats = RelayStats()
     fast = _is_tcp_socket(a) and _is_tcp_socket(b)
     use_splice = splice and _CAN_SPLICE
-    # One nursery: its scope carries the idle deadline, and the watcher (when a monitor
-    # watches) runs in it until the last direction to end cancels it.
-    async with trio.open_nursery() as nursery:
-        shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
-        shared.closing = closing
-        if monitor is not None:
-            shared.tap = monitor.records
-            shared.watching = True
-            nursery.start_soon(_watch, shared, monitor, on_degraded)
-        if fast:
-            sa, sb = cast(TcpStream, a), cast(TcpStream, b)
-            args = (buffer_size, use_splice)
-            nursery.start_soon(_direction, shared, _pump_fds, sb, sa, False, *args)
-            await _direction(shared, _pump_fds, sa, sb, True, *args)
-        else:
-            nursery.start_soon(_direction, shared, _pump_streams, b, a, False, buffer_size)
-            await _direction(shared, _pump_streams, a, b, True, buffer_size)
+    watch: _Watch | None = None
+    ticker: _Ticker | None = None
+    # One nursery: its scope carries the idle deadline.
+    try:
+        async with trio.open_nursery() as nursery:
+            shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
+            shared.closing = closing
+            if monitor is not None:
+                shared.tap = monitor.records
+                watch = _Watch(shared, monitor, on_degraded)
+                ticker = _ticker()
+                ticker.add(watch)
+            if fast:
+                sa, sb = cast(TcpStream, a), cast(TcpStream, b)
+                args = (buffer_size, use_splice)
+                nursery.start_soon(_direction, shared, _pump_fds, sb, sa, False, *args)
+                await _direction(shared, _pump_fds, sa, sb, True, *args)
+            else:
+                nursery.start_soon(_direction, shared, _pump_streams, b, a, False, buffer_size)
+                await _direction(shared, _pump_streams, a, b, True, buffer_size)
+    finally:
+        if ticker is not None and watch is not None:
+            ticker.drop(watch)
+    if shared.error is not None:
+        raise shared.error
     if nursery.cancel_scope.cancelled_caught and not stats.reset and not shared.done:
         stats.idle_timeout = True
     return stats
@@ -209,31 +217,118 @@ async def _direction(shared: _Shared, pump: Callable[..., Awaitable[None]], *arg
     shared.pump_done()
 
 
-async def _watch(
-    shared: _Shared, monitor: LinkMonitor, on_degraded: Callable[[Degradation], bool] | None
-) -> None:
-    """Show the monitor the counters every interval; act once on what it finds. Ends when
-    both directions have (they cancel the nursery then)."""
-    stats = shared.stats
-    while True:
-        await trio.sleep(monitor.settings.interval)
-        found = monitor.tick(
-            stats.b_to_a,
-            trio.current_time(),
-            open_both=stats.first_closed is None,
-            client_blocked=shared.b_waits_on_a,
-        )
-        if found is None:
-            continue
-        stats.degraded = found
-        if on_degraded is not None and on_degraded(found):
-            stats.cut = True
-            shared.abort("b")
-        return
+class _Watch:
+    """One monitored relay, as :class:`_Ticker` keeps it."""
+
+    __slots__ = ("monitor", "on_degraded", "over", "shared")
+
+    def __init__(
+        self,
+        shared: _Shared,
+        monitor: LinkMonitor,
+        on_degraded: Callable[[Degradation], bool] | None,
+    ) -> None:
+        self.shared = shared
+        self.monitor = monitor
+        self.on_degraded = on_degraded
+        #: the relay ended, or the monitor already found something: no more ticks
+        self.over = False
+
+    def tick(self, now: float) -> bool:
+        """Show the monitor the counters; act once on what it finds. False: stop watching."""
+        shared = self.shared
+        stats = shared.stats
+        try:
+            found = self.monitor.tick(
+                stats.b_to_a,
+                now,
+                open_both=stats.first_closed is None,
+                client_blocked=shared.b_waits_on_a,
+            )
+            if found is None:
+                return True
+            stats.degraded = found
+            if self.on_degraded is not None and self.on_degraded(found):
+                stats.cut = True
+                shared.abort("b")
+        except Exception as exc:  # the relay raises it: the ticker serves every other relay
+            shared.error = exc
+            shared.scope.cancel()
+        return False
+
+
+class _Ticker:
+    """The task that shows every monitored relay's counters to its monitor on time.
+
+    One per trio run (a system task, started by the first monitored relay): each relay's due
+    time sits in a heap, and the task sleeps until the earliest. A task and a sleeping timer per
+    connection would cost each one a spawn, a cancel scope and a cancellation at its end.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
+        self._sleep: trio.CancelScope | None = None
+        #: watches not over yet; when none is left the heap is emptied and the task sleeps
+        self._live = 0
+
+    def add(self, watch: _Watch) -> None:
+        """Tick ``watch`` every ``monitor.settings.interval`` seconds until it is over."""
+        due = trio.current_time() + watch.monitor.settings.interval
+        heapq.heappush(self._due, (due, next(self._order), watch))
+        self._live += 1
+        if self._sleep is None:
+            self._sleep = trio.CancelScope(deadline=due)
+            trio.lowlevel.spawn_system_task(self._run, name="sidestep relay monitors")
+        elif due < self._sleep.deadline:
+            self._sleep.deadline = due
+
+    def drop(self, watch: _Watch) -> None:
+        """No more ticks for ``watch`` (its relay ended, or its monitor found something)."""
+        if watch.over:
+            return
+        watch.over = True
+        self._live -= 1
+        if self._live == 0:
+            # nothing left to watch: forget the finished ones (the task still wakes up once at
+            # the deadline already set, finds nothing due and sleeps until the next watch)
+            self._due.clear()
+
+    async def _run(self) -> None:
+        while True:
+            assert self._sleep is not None
+            with self._sleep:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            due = self._due
+            while due and (due[0][2].over or due[0][0] <= now):
+                _, _, watch = heapq.heappop(due)
+                if watch.over:
+                    continue
+                if watch.tick(now):
+                    interval = watch.monitor.settings.interval
+                    heapq.heappush(due, (now + interval, next(self._order), watch))
+                else:
+                    self.drop(watch)
+            self._sleep = trio.CancelScope(deadline=due[0][0] if due else math.inf)
+
+
+_TICKER: trio.lowlevel.RunVar[_Ticker] = trio.lowlevel.RunVar("sidestep_relay_ticker")
+
+
+def _ticker() -> _Ticker:
+    try:
+        return _TICKER.get()
+    except LookupError:
+        ticker = _Ticker()
+        _TICKER.set(ticker)
+        return ticker
 
 
 def _is_tcp_socket(stream: trio.abc.Stream) -> bool:
-    if not isinstance(stream, trio.SocketStream | FastStream):
+    if isinstance(stream, FastStream):
+        return stream.tcp
+    if not isinstance(stream, trio.SocketStream):
         return False
     sock = stream.socket
     return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)

@@ -29,14 +29,20 @@ class FastStream(trio.abc.HalfCloseableStream):
     with any trio stream) and are not detected here.
     """
 
-    __slots__ = ("_quick", "socket")
+    __slots__ = ("_quick", "socket", "tcp")
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        if sock.type != socket.SOCK_STREAM:
-            raise ValueError("FastStream needs a SOCK_STREAM socket")
+    def __init__(self, sock: trio.socket.SocketType, *, tcp: bool | None = None) -> None:
+        """``tcp=True`` is the word of a caller that made or accepted ``sock`` as an IPv4 or
+        IPv6 stream socket: its type and family are then not looked up again."""
+        if tcp is None:
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError("FastStream needs a SOCK_STREAM socket")
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.socket = sock
         self._quick = 0
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        #: a TCP socket (IPv4 or IPv6), not a Unix one
+        self.tcp = tcp
+        if tcp:
             # handshake replies and first flights are small: never hold them for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -85,6 +91,17 @@ class FastStream(trio.abc.HalfCloseableStream):
                 except OSError as exc:
                     raise trio.BrokenResourceError(exc) from exc
         await self._fair()
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the kernel takes of ``data`` at once, without waiting or yielding;
+        returns how many bytes that was (0 when the send buffer is full)."""
+        fd = self._fd()
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         self._fd()

@@ -250,7 +250,7 @@ class Dispatcher:
                     # every way out dials this address, so none can help when it refuses us:
                     # connect first, and a failure reaches the client as the protocol's own
                     # error, as on the plain path (the built-in fragment policy)
-                    await early.run()
+                    await early.dial()
                     error = await early.wait()
                     if error is not None:
                         strategy = first.name
@@ -656,7 +656,16 @@ def _lookup_once(target: Target, lookup: Resolve) -> Resolve:
     makes concurrent attempts share it), so the early dial and the attempt after it do not
     each cost a pass of the scheduler.
     """
-    known: list[Sequence[IPAddress]] = [] if target.ip is None else [(target.ip,)]
+    ip = target.ip
+    if ip is not None:
+        literal = (ip,)
+
+        async def answer() -> Sequence[IPAddress]:
+            return literal
+
+        return answer
+
+    known: list[Sequence[IPAddress]] = []
     shared = resolve_once(lookup)
 
     async def resolve() -> Sequence[IPAddress]:

@@ -235,6 +235,12 @@ class LearnedMemory:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def reorders(self, network: str, site: str) -> bool:
+        """Whether :meth:`order` may change the configured order for ``site``: False when
+        nothing is known about the site and no strategy is marked unhealthy (checked in a
+        moment, where ordering would cost a look at every strategy)."""
+        return bool(self._unhealthy) or bool(self._sites.get((network, site)))
+
     def order(self, network: str, site: str, strategies: Sequence[str]) -> list[str]:
         """``strategies`` reordered: known-good first, then unknown, then recently failed.
 

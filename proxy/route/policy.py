@@ -38,10 +38,10 @@ from proxy.detect.outcome import Outcome, judge_first_response, outcome_of_conne
 from proxy.errors import ConnectTimeout, ProxyError, ResolveError, UpstreamError
 from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
-from proxy.net.stream import TcpStream
+from proxy.net.stream import FastStream, TcpStream
 from proxy.strategies.base import Strategy
 from proxy.strategies.direct import DirectStrategy
-from proxy.strategies.fragment import FragmentStrategy, NotApplicable
+from proxy.strategies.fragment import FragmentStrategy, NotApplicable, reframable
 
 log = logging.getLogger("sidestep.route")
 
@@ -143,11 +143,14 @@ async def attempt(
 
     stream: trio.abc.HalfCloseableStream | None = None
     try:
-        with trio.fail_after(timeout):
-            addresses: Sequence[IPAddress] = ()
-            if not (strategy.remote_dns and target.ip is None):
-                addresses = await resolve()
-            stream = await strategy.connect(target, addresses, first_flight)
+        if isinstance(strategy, EarlyDial):  # often nothing is left to wait for
+            stream = strategy.take_ready(first_flight)
+        if stream is None:
+            with trio.fail_after(timeout):
+                addresses: Sequence[IPAddress] = ()
+                if not (strategy.remote_dns and target.ip is None):
+                    addresses = await resolve()
+                stream = await strategy.connect(target, addresses, first_flight)
     except (ProxyError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -319,30 +322,49 @@ class EarlyDial:
         self.target = target
         self.resolve = resolve
         self._done = trio.Event()
-        self._scope = trio.CancelScope()
+        #: the scope :meth:`run` dials in (none when the caller dials in its own task)
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
         self._stream: TcpStream | None = None
         self._error: BaseException | None = None
         self._taken = False
+        #: bytes of the first flight :meth:`take_ready` already sent
+        self._sent = 0
 
     async def run(self) -> None:
-        """Open the connection; never raises (an error is kept for :meth:`connect`), ends
-        early when :meth:`aclose` is called first."""
+        """Open the connection in a task of its own; never raises (an error is kept for
+        :meth:`connect`), ends early when :meth:`aclose` is called first."""
+        abandoned = ConnectTimeout("the early connection was abandoned")
+        if self._stopped:  # before this task got to run
+            self._error = abandoned
+            self._done.set()
+            return
+        self._scope = scope = trio.CancelScope()
+        with scope:
+            await self.dial()
+        if scope.cancelled_caught and self._error is None:
+            self._error = abandoned
+        stream = self._stream
+        if self._stopped and stream is not None:  # opened after aclose() looked
+            self._stream = None
+            await trio.aclose_forcefully(stream)
+
+    async def dial(self) -> None:
+        """Open the connection in the caller's own task (which nothing else abandons: no
+        cancel scope of its own, unlike :meth:`run`); an error is kept for :meth:`connect`."""
         s = self.strategy
-        with self._scope:
-            try:
-                addresses = await self.resolve()
-                self._stream = await open_tcp(
-                    addresses,
-                    self.target.port,
-                    attempt_delay=s.happy_eyeballs_delay,
-                    timeout=s.connect_timeout,
-                )
-            except (ProxyError, OSError, trio.BrokenResourceError) as exc:
-                self._error = exc
-            finally:
-                self._done.set()
-        if self._scope.cancelled_caught and self._error is None:
-            self._error = ConnectTimeout("the early connection was abandoned")
+        try:
+            addresses = await self.resolve()
+            self._stream = await open_tcp(
+                addresses,
+                self.target.port,
+                attempt_delay=s.happy_eyeballs_delay,
+                timeout=s.connect_timeout,
+            )
+        except (ProxyError, OSError, trio.BrokenResourceError) as exc:
+            self._error = exc
+        finally:
+            self._done.set()
 
     async def wait(self) -> BaseException | None:
         """Wait until the connection is open (None) or failed (the error)."""
@@ -360,7 +382,7 @@ class EarlyDial:
             if not self._done.is_set():
                 await self._done.wait()
         except BaseException:  # the attempt timed out or was cancelled: stop dialling too
-            self._scope.cancel()
+            self._stop()
             raise
         if self._error is not None:
             raise self._error
@@ -372,17 +394,48 @@ class EarlyDial:
             except NotApplicable:
                 await trio.aclose_forcefully(stream)
                 raise
-        elif first_flight:
+        elif len(first_flight) > self._sent:
             try:
-                await stream.send_all(first_flight)
+                await stream.send_all(memoryview(first_flight)[self._sent :])
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
         return stream
 
+    def take_ready(self, first_flight: bytes) -> TcpStream | None:
+        """The early connection with ``first_flight`` sent, when that needs no waiting: the
+        dial is over and worked, the strategy is ``direct`` and the kernel takes the whole
+        flight at once. Otherwise None, and :meth:`connect` does the rest (under the
+        attempt's time limit, without sending again what was sent here). Raises
+        ``trio.BrokenResourceError`` (the stream closed) when sending fails."""
+        stream = self._stream
+        if (
+            self._taken
+            or stream is None
+            or not isinstance(stream, FastStream)
+            or isinstance(self.strategy, FragmentStrategy)
+        ):
+            return None
+        if len(first_flight) > self._sent:
+            try:
+                self._sent += stream.send_nowait(memoryview(first_flight)[self._sent :])
+            except trio.BrokenResourceError:
+                self._taken, self._stream = True, None
+                stream.socket.close()
+                raise
+            if self._sent < len(first_flight):
+                return None
+        self._taken, self._stream = True, None
+        return stream
+
+    def _stop(self) -> None:
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def aclose(self) -> None:
         """Stop dialling, and close the early connection if no attempt took it."""
-        self._scope.cancel()
+        self._stop()
         stream, self._stream = self._stream, None
         if stream is not None:
             await trio.aclose_forcefully(stream)
@@ -391,7 +444,18 @@ class EarlyDial:
 def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy]:
     """``pending`` without the strategies at its head that do not apply to the flight."""
     skip = 0
-    while skip < len(pending) and not applies(pending[skip], first_flight):
+    # a flight that is neither TLS nor HTTP skips every fragment variant after one glance
+    reframable_flight: bool | None = None
+    while skip < len(pending):
+        strategy = pending[skip]
+        if isinstance(strategy, EarlyDial):
+            strategy = strategy.strategy
+        if not isinstance(strategy, FragmentStrategy):
+            break
+        if reframable_flight is None:
+            reframable_flight = reframable(first_flight)
+        if reframable_flight and strategy.applies_to(first_flight):
+            break
         skip += 1
     return pending[skip:]
 

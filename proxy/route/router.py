@@ -17,6 +17,7 @@ when every failure was such a strategy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Collection, Sequence
@@ -222,8 +223,9 @@ class Router:
         if len(names) == 1:  # nothing to order or learn: skip the site lookup (hot path)
             return Decision(policy, (self.strategies[names[0]],), match, target.host, resolver)
         site = _site(target)
-        if self.learn and self.memory is not None:
-            names = self.memory.order(self.network, site, names)
+        memory = self.memory
+        if self.learn and memory is not None and memory.reorders(self.network, site):
+            names = memory.order(self.network, site, names)
         return Decision(policy, tuple(self.strategies[n] for n in names), match, site, resolver)
 
     def to_check(self, attempts: Sequence[AttemptRecord], worked: str | None) -> list[str]:
@@ -350,7 +352,13 @@ def _beside(base_dir: Path | None, name: str) -> str:
 
 
 def _site(target: Target) -> str:
+    return _site_of_host(target.host)
+
+
+# A failed IP parse (every name) raises inside site_of: clients repeat a few hosts.
+@functools.lru_cache(maxsize=4096)
+def _site_of_host(host: str) -> str:
     try:
-        return site_of(target.host)
+        return site_of(host)
     except ValueError:
-        return target.host
+        return host

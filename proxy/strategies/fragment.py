@@ -33,6 +33,7 @@ from proxy.net.dial import open_tcp
 from proxy.net.segments import Segment, send_segments
 from proxy.net.stream import TcpStream
 from proxy.protocols.splits import FragmentPlan, FragmentPolicy, plan_fragments
+from proxy.protocols.tls_hello import looks_like_tls
 
 __all__ = ["FragmentStrategy", "Method", "NotApplicable"]
 
@@ -44,6 +45,13 @@ URGENT_BYTE = b"\x00"
 
 class NotApplicable(UpstreamError):
     """The strategy has nothing to change in this first flight; it did not connect."""
+
+
+def reframable(first_flight: bytes) -> bool:
+    """Whether some fragment variant might re-frame ``first_flight``: only a ClientHello or an
+    HTTP/1.x request (upper-case method) can be; a glance at the first bytes spares planning
+    the cuts for every other protocol. True is a maybe, False is certain."""
+    return first_flight[:1].isupper() or looks_like_tls(first_flight[:3])
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +79,9 @@ class FragmentStrategy:
     def applies_to(self, first_flight: bytes) -> bool:
         """Whether this strategy has something to change in ``first_flight`` (cheap: no
         exception is built when it has not)."""
-        return bool(first_flight) and self._usable(plan_fragments(first_flight, self.policy))
+        if not reframable(first_flight):
+            return False
+        return self._usable(plan_fragments(first_flight, self.policy))
 
     def _usable(self, plan: FragmentPlan) -> bool:
         return plan.changed and len(plan.pieces) >= (2 if self.method != "split" else 1)

@@ -400,3 +400,50 @@ async def test_relay_counts_live_while_it_runs() -> None:
                 await trio.sleep(0.01)
             await x.send_eof()
             await y.send_eof()
+
+
+async def test_relay_raises_what_the_monitors_callback_raised(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from proxy.net.monitor import Degradation, LinkMonitor, MonitorSettings, RecordTracker
+
+    settings = MonitorSettings(freeze_min=14_000, freeze_max=22_000, freeze_stall=2.0)
+
+    def degraded(what: Degradation) -> bool:
+        raise OSError("the evidence log is on a full disk")
+
+    async with relayed_tcp() as (_x, a, b, y):
+        monitor = LinkMonitor(settings, trio.current_time(), records=RecordTracker())
+        await y.send_all(_tls_record(30_000)[:16_384])  # frozen inside a record
+        with trio.fail_after(30), pytest.raises(OSError, match="full disk"):
+            await relay(a, b, idle_timeout=60, monitor=monitor, on_degraded=degraded)
+
+
+async def test_relay_monitors_of_concurrent_relays_tick_on_their_own_intervals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # one shared task ticks every monitored relay, each at its own interval
+    from proxy.net.monitor import LinkMonitor, MonitorSettings
+
+    ticks: dict[float, list[float]] = {0.5: [], 2.0: []}
+
+    class Counting(LinkMonitor):
+        def tick(self, down: int, now: float, **kw: bool) -> None:  # type: ignore[override]
+            ticks[self.settings.interval].append(now)
+            return None
+
+    async with relayed_tcp() as (x1, a1, b1, y1), relayed_tcp() as (x2, a2, b2, y2):
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for interval, (a, b) in ((0.5, (a1, b1)), (2.0, (a2, b2))):
+                monitor = Counting(MonitorSettings(interval=interval), start)
+                nursery.start_soon(functools.partial(relay, a, b, idle_timeout=60, monitor=monitor))
+            await trio.sleep(4.1)
+            for x, y in ((x1, y1), (x2, y2)):
+                await x.send_eof()
+                await y.send_eof()
+        ended = trio.current_time()
+        await trio.sleep(10)  # relays over: nothing ticks any more
+    assert [round(t - start, 1) for t in ticks[0.5]] == [0.5 * i for i in range(1, 9)]
+    assert [round(t - start, 1) for t in ticks[2.0]] == [2.0, 4.0]
+    assert all(t <= ended for t in ticks[0.5] + ticks[2.0])

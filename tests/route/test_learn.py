@@ -506,3 +506,13 @@ def test_learned_carrier_limit_keeps_the_smallest_per_network_and_survives_a_res
     assert again.carrier_limit("home", "bridge 192.0.2.1:443", now=1200.0) is None  # expired
     later = LearnedMemory(path, ttl=100.0, clock=lambda: 1200.0)
     assert later.carrier_limit("home", "bridge 192.0.2.1:443") is None
+
+
+def test_learn_reorders_only_what_it_knows_something_about(clock: FakeClock) -> None:
+    # the router skips order() when this says it would keep the configured order
+    m = memory(clock)
+    assert not m.reorders(NET, "example.com")
+    m.record_success(NET, "example.com", "front")
+    assert m.reorders(NET, "example.com") and not m.reorders(NET, "other.org")
+    m.mark_unhealthy(NET, "front")
+    assert m.reorders(NET, "other.org")  # an unhealthy strategy moves back everywhere

@@ -401,3 +401,71 @@ async def test_early_dial_closes_a_connection_nobody_took(nursery: trio.Nursery)
         await early.run()
         await early.aclose()
         await closed.wait()
+
+
+async def test_early_dial_abandoned_before_it_ran_opens_nothing(nursery: trio.Nursery) -> None:
+    accepted = 0
+
+    async def counting(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+
+    port = await serve(nursery, counting)
+    early = EarlyDial(DirectStrategy(), Target("site.lab", port), loopback)
+    await early.aclose()  # the owner gave up before the dialling task got to run
+    with trio.fail_after(5):
+        await early.run()
+        assert await early.wait() is not None
+    await trio.testing.wait_all_tasks_blocked()
+    assert accepted == 0
+
+
+async def test_early_dial_in_the_callers_task_hands_over_a_ready_connection(
+    nursery: trio.Nursery,
+) -> None:
+    got: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        got.append(await stream.receive_some(65536))
+        await stream.send_all(SERVER_HELLO)
+        await trio.sleep_forever()
+
+    port = await serve(nursery, record)
+    target = Target("site.lab", port)
+    early = EarlyDial(DirectStrategy(), target, loopback)
+    with trio.fail_after(5):
+        await early.dial()
+        assert await early.wait() is None
+        winner = await run_policy(Policy("p", ()), [early], target, loopback, HELLO, tls=True)
+        async with winner.stream:  # the last (only) strategy: its answer is the caller's
+            assert winner.strategy == "direct" and winner.response == b""
+            assert await winner.stream.receive_some(100) == SERVER_HELLO
+    assert got == [HELLO]
+    await early.aclose()
+
+
+async def test_early_dial_sends_a_flight_the_kernel_takes_in_part_exactly_once(
+    nursery: trio.Nursery,
+) -> None:
+    # take_ready() sends what fits at once; the attempt then sends the rest (and only the rest)
+    flight = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer takes at once
+    got = bytearray()
+    done = trio.Event()
+
+    async def drain(stream: trio.SocketStream) -> None:
+        await trio.sleep(0.05)  # let the first write fill the buffers
+        while len(got) < len(flight):
+            got.extend(await stream.receive_some(1 << 20))
+        done.set()
+        await trio.sleep_forever()
+
+    port = await serve(nursery, drain)
+    target = Target("site.lab", port)
+    early = EarlyDial(DirectStrategy(), target, loopback)
+    with trio.fail_after(10):
+        await early.dial()
+        assert early.take_ready(flight) is None  # part of it is on its way
+        stream = await early.connect(target, [], flight)
+        async with stream:
+            await done.wait()
+    assert bytes(got) == flight

@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
+import hypothesis
 import pytest
 import trio
+from hypothesis import strategies as st
 
 from proxy.config import parse_config
 from proxy.errors import UpstreamError
@@ -400,3 +402,30 @@ async def test_fragment_policy_gathers_a_hello_sent_in_two_reads(ca: LabCA) -> N
                 await stream.send_all(hello[1200:])
                 answer = await stream.receive_some(4096)
     assert is_server_hello(answer)
+
+
+@hypothesis.given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.builds(lambda tail: HELLO_FOR_GLANCE[:40] + tail, st.binary(max_size=16)),
+        st.builds(
+            lambda m, t: m + b" / HTTP/1.1\r\n" + t,
+            st.sampled_from([b"GET", b"POST", b"get"]),
+            st.binary(max_size=16),
+        ),
+    )
+)
+def test_fragment_glance_never_rules_out_a_flight_a_variant_would_change(flight: bytes) -> None:
+    # reframable() is a cheap pre-check: False must mean no built-in variant applies
+    from proxy.strategies.fragment import reframable
+
+    if reframable(flight):
+        return
+    for cfg in BUILTIN_STRATEGIES:
+        strategy = build_strategy(cfg, DirectStrategy())
+        if isinstance(strategy, FragmentStrategy):
+            assert plan_fragments(flight, strategy.policy).protocol == "other"
+            assert not strategy.applies_to(flight)
+
+
+HELLO_FOR_GLANCE = build_client_hello(sni="glance.lab")
