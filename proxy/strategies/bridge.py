@@ -73,6 +73,11 @@ ROTATE_SHARE = 0.75
 MIN_LEARNED_LIMIT = 4096
 
 
+class BridgeDown(UpstreamError):
+    """The bridge itself is gone, though the way to it works (the web server in front of it
+    answers its path with an error): resuming again would not help."""
+
+
 class BridgeStrategy:
     """Reach targets through the bridge at ``uri``: the raw carrier, or WebSocket over TLS
     (``cafile`` replaces the system's CAs for a bridge with its own certificate)."""
@@ -269,7 +274,8 @@ class BridgeStrategy:
     async def _reattach(self, session: BridgeSession, why: str) -> None:
         """Resume ``session`` over a new carrier, a few attempts with back-off; abandon it when
         none works. A bridge that closes without answering (it no longer knows the session)
-        or a refused connection (it is down) ends the attempts at once."""
+        or a refused connection (it is down, :class:`BridgeDown` too) ends the attempts at
+        once."""
         log.info("%s: %s; resuming the session", self.via, why)
         problem = why
         for delay in self.resume_backoff:
@@ -278,7 +284,7 @@ class BridgeStrategy:
                 return
             try:
                 carrier = await self.dial_carrier()
-            except ConnectRefused as exc:
+            except (ConnectRefused, BridgeDown) as exc:
                 problem = str(exc)
                 break
             except UpstreamError as exc:

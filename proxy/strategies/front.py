@@ -37,7 +37,7 @@ from proxy.errors import ConfigError, RemoteProtocolError, UpstreamError
 from proxy.inbound.base import IPAddress
 from proxy.net.dial import open_tcp
 from proxy.resolve.system import SystemResolver
-from proxy.strategies.bridge import BridgeStrategy
+from proxy.strategies.bridge import BridgeDown, BridgeStrategy
 
 log = logging.getLogger("sidestep.bridge")
 
@@ -156,9 +156,14 @@ class FrontStrategy(BridgeStrategy):
 
     async def dial_carrier(self) -> trio.abc.Stream:
         """The first carrier that opens, over the candidates in :meth:`options` order, skipping
-        those that already failed this round. Raises ``UpstreamError`` when none opens."""
+        those that already failed this round. Raises ``UpstreamError`` when none opens:
+        :class:`~proxy.strategies.bridge.BridgeDown` when the CDN answered every attempt with
+        an error for the bridge's path (a 502: the bridge behind it is gone) and nothing failed
+        on the way to the CDN, so that a session being resumed is given up at once."""
         self._current = None
         problems: list[str] = []
+        answered = 0  # attempts the CDN answered with an error for the bridge's path
+        lost = 0  # attempts that failed on the way to the CDN (perhaps for a moment)
         for key, front, carrier in self.options():
             if key in self._failed or front not in self.candidates:
                 continue
@@ -177,17 +182,24 @@ class FrontStrategy(BridgeStrategy):
                     self._failed.add(other)
                     self._record(other, "unreachable")
                 problems.append(f"{front}: {exc}")
+                lost += 1
                 continue
             except (RemoteProtocolError, ssl.SSLError, trio.TooSlowError, *CARRIER_ERRORS) as exc:
                 self._failed.add(key)
                 self._record(key, "carrier-failed")
                 problems.append(f"{key}: {exc or 'timed out'}")
+                if isinstance(exc, RemoteProtocolError):
+                    answered += 1
+                else:
+                    lost += 1
                 log.info("%s: %s failed: %s", self.via, key, exc or "timed out")
                 continue
             self._current = key
             return stream
         self._failed.clear()
         why = "; ".join(problems) or "every CDN refuses fronting"
+        if answered and not lost:
+            raise BridgeDown(f"{self.via}: the bridge is down: {why}")
         raise UpstreamError(f"{self.via}: no carrier opens: {why}")
 
     async def _open_session(self) -> BridgeSession:

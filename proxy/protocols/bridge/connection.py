@@ -144,7 +144,9 @@ class BridgeConnection:
 
     # --------------------------------------------------------------------------------- input
 
-    def receive_data(self, data: bytes, now: float | None = None) -> list[Event]:
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, now: float | None = None
+    ) -> list[Event]:
         """Feed carrier bytes. The server needs ``now`` (seconds since the epoch) for the hello.
 
         Raises ``RemoteProtocolError`` (and moves to CLOSED) when the peer breaks the protocol:
@@ -219,7 +221,7 @@ class BridgeConnection:
             events += self._receive_records(trailing)
         return events
 
-    def _receive_records(self, data: bytes) -> list[Event]:
+    def _receive_records(self, data: bytes | bytearray | memoryview) -> list[Event]:
         events: list[Event] = []
         for plaintext in self._keys_in_use()[1].receive_data(data):
             events += self.mux.receive_record(plaintext)

@@ -324,13 +324,13 @@ class Mux:
             raise LocalProtocolError(f"a padding record holds 1-{MAX_PLAINTEXT} bytes")
         self._queue.append((encode_frame(Pad(size - 1)), _Kind.PAD))
 
-    def records_to_send(self) -> list[bytes]:
+    def records_to_send(self) -> list[bytes | bytearray]:
         """Plaintexts of the records to seal and send, padded by the bridge's shape.
 
         Control frames and later DATA frames share records; each heavy DATA frame (one of the
         first writes of a stream) ends its record, padded heavily; padding records stand alone.
         """
-        records: list[bytes] = []
+        records: list[bytes | bytearray] = []
         current = bytearray()
         has_data = False
         for frame, kind in self._queue:
@@ -368,13 +368,13 @@ class Mux:
         """Forget every queued frame (the session broke: nothing more may leave)."""
         self._queue.clear()
 
-    def _padded(self, record: bytearray, *, heavy: bool) -> bytes:
+    def _padded(self, record: bytearray, *, heavy: bool) -> bytearray:
         rand = int.from_bytes(self._rng(4), "big")
         pad = min(self._shape.padding_for(len(record), heavy=heavy, rand=rand), MAX_PLAINTEXT)
         pad = min(pad, MAX_PLAINTEXT - len(record))
         if pad:
             record += bytes(pad)  # a PAD frame: type 0x00, then zeros
-        return bytes(record)
+        return record  # the caller's from now on (sealed as it is, not copied again)
 
     # ------------------------------------------------------------------------------- receiving
 

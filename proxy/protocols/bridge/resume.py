@@ -72,8 +72,9 @@ SESSION_ID_LEN = 12
 PROOF_LEN = 12
 #: the sealed bytes one end keeps for its peer; beyond it no new records are made (backpressure)
 REPLAY_LIMIT = 8 * 1024 * 1024
-#: an ACK goes out at the latest after this many received bytes (and when the line goes idle)
-ACK_EVERY = 128 * 1024
+#: an ACK goes out at the latest after this many received bytes (and when the line goes idle;
+#: before that it rides along with any frame going the other way, such as a WINDOW)
+ACK_EVERY = 1024 * 1024
 _MAX_OFFSET = (1 << 64) - 1
 _HEAD = NONCE_LEN + CLIENT_HEADER_LEN
 _FIELDS = struct.Struct(">12sQ12sQH")  # id, offset, proof, time, padding length
@@ -294,7 +295,7 @@ class SessionLedger:
         self.ack_every = ack_every
         # What the peer has not acknowledged, from ``acked`` on: the written chunks as they
         # were (no copy per write), the first one's ``_head_skip`` bytes already acknowledged.
-        self._chunks: deque[bytes] = deque([sent] if sent else [])
+        self._chunks: deque[bytes | bytearray] = deque([sent] if sent else [])
         self._head_skip = 0
         self.sent = len(sent)
         self.acked = 0
@@ -319,25 +320,43 @@ class SessionLedger:
         return self._elicited and self.received > self.acked_to_peer
 
     @property
+    def ack_due(self) -> bool:
+        """An ACK goes out with the next write even if nothing else does."""
+        return self.received - self.acked_to_peer >= self.ack_every
+
+    @property
     def expecting_ack(self) -> bool:
         """The peer owes us an acknowledgement (it does not acknowledge ACK-only records)."""
         return self.acked < self.eliciting_end
 
-    def data_to_send(self, *, flush_ack: bool = False) -> bytes:
-        """Sealed-record bytes to write now, remembered until the peer acknowledges them."""
-        out = b"" if self.full else self.conn.data_to_send()
-        if out:
-            self.eliciting_end = self.sent + len(out)
-        if self.received - self.acked_to_peer >= self.ack_every or (flush_ack and self.owes_ack):
-            if self.conn.state is not ConnectionState.OPEN:
-                return self._remember(out)
-            self.conn.mux.send_ack(self.received)
+    def data_to_send(self, *, flush_ack: bool = False) -> bytes | bytearray:
+        """Sealed-record bytes to write now, remembered until the peer acknowledges them.
+
+        An ACK that is owed rides along whenever other frames leave (it shares their record,
+        so it costs no write of its own); on its own it leaves every ``ack_every`` bytes, or
+        with ``flush_ack``. Once the replay buffer is full only a due ACK makes a write (and
+        takes whatever else is queued with it).
+        """
+        conn = self.conn
+        others = conn.has_data_to_send
+        owed = self.received - self.acked_to_peer
+        ack = (
+            conn.state is ConnectionState.OPEN
+            and owed > 0
+            and (self.ack_due or (self._elicited and (flush_ack or (others and not self.full))))
+        )
+        if ack:
+            conn.mux.send_ack(self.received)
             self.acked_to_peer = self.received
             self._elicited = False
-            out += self.conn.data_to_send()
+        elif self.full:
+            return b""
+        out = conn.data_to_send()
+        if out and others:  # ACK-only records are not acknowledged: they elicit nothing
+            self.eliciting_end = self.sent + len(out)
         return self._remember(out)
 
-    def _remember(self, out: bytes) -> bytes:
+    def _remember(self, out: bytes | bytearray) -> bytes | bytearray:
         if out:
             self._chunks.append(out)
             self.sent += len(out)
