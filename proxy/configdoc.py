@@ -92,6 +92,7 @@ _CHECK_WORDS: dict[str, str] = {
     f"{_BC}._check_destination": 'an IP network ("10.0.0.0/8") or a lower-case domain '
     '("example.org", its subdomains included)',
     f"{_BC}._check_path": 'a path like "/a1b2c3" (letters, digits, `.`, `_`, `~`, `-`)',
+    f"{_BC}._check_tor": '"IP:port" of a local Tor SOCKS port, e.g. "127.0.0.1:9050"',
     f"{_BC}._check_delay": "[shortest, longest] seconds, 0 <= shortest <= longest <= 600",
 }
 

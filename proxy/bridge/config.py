@@ -46,6 +46,17 @@ def _check_destination(value: str) -> None:
         )
 
 
+def _check_tor(value: str) -> None:
+    host, _, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        ok = port.isdigit() and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{value[:60]!r} is not a Tor SOCKS address like 127.0.0.1:9050")
+
+
 def _check_path(value: str) -> None:
     if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
         raise ValueError(f"{value[:40]!r} is not a path like /a1b2c3 (letters, digits, . _ ~ -)")
@@ -111,6 +122,8 @@ class DestinationsSection:
     deny: tuple[str, ...] = option(default=(), each=_check_destination)
     #: seconds to connect to a destination
     connect_timeout: float = option(default=10.0, check=positive)
+    #: send every stream through the Tor client's SOCKS port at this "IP:port" (Tor resolves)
+    tor: str | None = option(default=None, check=_check_tor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,9 @@ timing that tells the bridge apart from a server waiting for its own protocol.
 
 Destinations pass :class:`DestinationPolicy`: loopback, private, link-local and other special
 addresses are refused unless their network is in ``allow_networks`` (the bridge must not become a
-door into its own network), then the optional allow and deny lists of networks and domains.
+door into its own network), then the optional allow and deny lists of networks and domains. With
+``[destinations] tor`` every stream goes on through a local Tor client's SOCKS port instead (Tor
+resolves the names; the lists still apply to what clients ask for).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from proxy.errors import (
     ResolveError,
     UpstreamError,
 )
-from proxy.inbound.base import IPAddress
+from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
 from proxy.net.relay import relay
 from proxy.protocols.bridge import (
@@ -84,6 +86,7 @@ from proxy.protocols.bridge.resume import (
 )
 from proxy.resolve.base import Resolver
 from proxy.resolve.system import SystemResolver
+from proxy.strategies.upstream import Socks5Strategy, tor_strategy
 
 log = logging.getLogger("sidestep.bridge")
 
@@ -220,6 +223,10 @@ class BridgeServer:
         self.policy = DestinationPolicy.from_config(config.destinations)
         self.rate = SessionRateLimit(config.bridge.sessions_per_minute)
         self.resolver: Resolver = resolver or SystemResolver()
+        self.tor: Socks5Strategy | None = None
+        if config.destinations.tor is not None:
+            tor_host, _, tor_port = config.destinations.tor.rpartition(":")
+            self.tor = tor_strategy("tor", (tor_host.strip("[]"), int(tor_port)))
         self.sessions_opened = 0
         self.sessions_resumed = 0
         #: open sessions by their resume id (kept through carrier breaks for resume_window)
@@ -462,7 +469,13 @@ class BridgeServer:
             addresses: list[IPAddress] = [ipaddress.ip_address(host)]
         except ValueError:
             self.policy.check_name(host)
+            if self.tor is not None:  # Tor resolves the name at its exit: no lookup here
+                return await self.tor.connect(Target(host, port), [], b"")
             addresses = await self.resolver.resolve(host)
+        if self.tor is not None:
+            if not self.policy.permits(addresses[0], host):
+                raise NotAllowed(f"{host}: not a destination this bridge serves")
+            return await self.tor.connect(Target(host, port), addresses, b"")
         permitted = [a for a in addresses if self.policy.permits(a, host)]
         if not permitted:
             raise NotAllowed(f"{host}: not a destination this bridge serves")
