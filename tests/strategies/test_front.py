@@ -303,3 +303,22 @@ def test_front_candidates_parse_names_and_addresses() -> None:
     assert FrontCandidate.parse("cdn.example@[2001:db8::1]:8443", 443).address == "2001:db8::1"
     assert FrontCandidate.parse("cdn.example@2001:db8::1", 443).port == 443
     assert str(FrontCandidate.parse("CDN.example@192.0.2.1", 443)) == "cdn.example@192.0.2.1"
+
+
+@requires_tools
+async def test_doh_travels_through_the_front_when_every_endpoint_is_blocked(ca: LabCA) -> None:
+    from proxy.resolve.auto import ViaDohResolver
+
+    async with open_lab("allowlist", ca=ca) as lab, fronted_bridge(lab) as fronted:
+        edge = FrontCandidate.parse(fronted.edges[0].candidate(), 443)
+        strategy = FrontStrategy("cdn", fronted.uri, fronts=[edge], cafile=str(lab.ca_file))
+        famous = next(ep for ep in lab.doh_endpoints if ep.famous)
+        doh = ViaDohResolver(famous.url, famous.bootstrap[0], strategy, cafile=str(lab.ca_file))
+        try:
+            async with doh:
+                with trio.fail_after(20):
+                    answer = await doh.resolve(OPEN)
+        finally:
+            await strategy.aclose()
+        assert [str(a) for a in answer] == list(lab.addresses(OPEN))
+        assert fronted.server.sessions_opened == 1
