@@ -270,18 +270,11 @@ class ClientHandshake:
         if self.state is not ClientState.WAIT_ANSWER or self._hello is None:
             raise LocalProtocolError(f"client handshake cannot receive data in {self.state.name}")
         self._buffer += data
-        if len(self._buffer) < SERVER_HEADER_LEN:
+        answer = split_answer(self._buffer, self._line_keys.mask2, self._tag)
+        if answer is None:
             return None
-        header = _keystream_xor(self._line_keys.mask2, self._tag, bytes(self._buffer[:34]))
+        header, body, confirm, self.trailing_data = answer
         server_ephemeral = header[:KEY_LEN]
-        padlen = int.from_bytes(header[KEY_LEN:], "big") % (MAX_HELLO_PADDING + 1)
-        total = SERVER_HEADER_LEN + padlen + TAG_LEN
-        if len(self._buffer) < total:
-            return None
-        body = bytes(self._buffer[: total - TAG_LEN])
-        confirm = bytes(self._buffer[total - TAG_LEN : total])
-        self.trailing_data = bytes(self._buffer[total:])
-        self._buffer.clear()
         self.state = ClientState.FAILED
         try:
             es = diffie_hellman(self._ephemeral, self._line.server_public)
@@ -295,6 +288,31 @@ class ClientHandshake:
             )
         self.state = ClientState.DONE
         return keys
+
+
+def split_answer(
+    buffer: bytearray, mask: bytes, tag: bytes
+) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """Cut one server answer (a fresh handshake's or a resume's) from the front of ``buffer``.
+
+    Both answers share one framing: a ``SERVER_HEADER_LEN`` header under the ``mask`` keystream
+    with the client's ``tag`` as nonce, whose last two bytes give the padding length, then the
+    padding and a ``TAG_LEN`` confirm. Returns ``(clear header, header + padding as sent,
+    confirm, bytes after the answer)`` and empties ``buffer``, or ``None`` (buffer untouched)
+    until the whole answer is there. Checking the confirm is the caller's: its key differs.
+    """
+    if len(buffer) < SERVER_HEADER_LEN:
+        return None
+    header = _keystream_xor(mask, tag, bytes(buffer[:SERVER_HEADER_LEN]))
+    padlen = int.from_bytes(header[-2:], "big") % (MAX_HELLO_PADDING + 1)
+    total = SERVER_HEADER_LEN + padlen + TAG_LEN
+    if len(buffer) < total:
+        return None
+    body = bytes(buffer[: total - TAG_LEN])
+    confirm = bytes(buffer[total - TAG_LEN : total])
+    trailing = bytes(buffer[total:])
+    buffer.clear()
+    return header, body, confirm, trailing
 
 
 # ---------------------------------------------------------------------------------- server

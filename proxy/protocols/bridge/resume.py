@@ -53,7 +53,6 @@ from proxy.protocols.bridge.handshake import (
     LABEL,
     MAX_HELLO_PADDING,
     NONCE_LEN,
-    SERVER_HEADER_LEN,
     TAG_LEN,
     BridgeLine,
     Pending,
@@ -65,6 +64,7 @@ from proxy.protocols.bridge.handshake import (
     _keystream_xor,
     _line_keys,
     _random_below,
+    split_answer,
 )
 from proxy.protocols.bridge.mux import AckReceived, Role
 
@@ -243,19 +243,11 @@ class ClientResume:
         if self.state is not ResumeState.WAIT_ANSWER or self._tag is None:
             raise LocalProtocolError(f"resume cannot receive data in {self.state.name}")
         self._buffer += data
-        if len(self._buffer) < SERVER_HEADER_LEN:
+        answer = split_answer(self._buffer, self._line_keys.mask2, self._tag)
+        if answer is None:
             return None
-        clear = _keystream_xor(
-            self._line_keys.mask2, self._tag, bytes(self._buffer[:SERVER_HEADER_LEN])
-        )
-        offset, _, padlen = _ANSWER.unpack(clear)
-        total = SERVER_HEADER_LEN + padlen % (MAX_HELLO_PADDING + 1) + TAG_LEN
-        if len(self._buffer) < total:
-            return None
-        body = bytes(self._buffer[: total - TAG_LEN])
-        confirm = bytes(self._buffer[total - TAG_LEN : total])
-        self.trailing_data = bytes(self._buffer[total:])
-        self._buffer.clear()
+        clear, body, confirm, self.trailing_data = answer
+        offset = _ANSWER.unpack(clear)[0]
         expected = _mac(self._ticket.key, b"resume answer", self._tag, body)[:TAG_LEN]
         if not hmac.compare_digest(confirm, expected):
             self.state = ResumeState.FAILED
