@@ -29,6 +29,7 @@ import trio
 
 from proxy.errors import LocalProtocolError, ProxyError, RemoteProtocolError
 from proxy.inbound.base import InboundContext, InboundSettings, IPAddress, Replier, Request, Target
+from proxy.net.stream import limited
 from proxy.protocols import socks4, socks5
 
 log = logging.getLogger("sidestep.inbound.socks")
@@ -185,11 +186,14 @@ async def handle_socks5(
     settings = ctx.settings
     conn = socks5.Socks5ServerConnection(require_auth=settings.auth_required)
     try:
-        with trio.move_on_after(settings.handshake_timeout) as scope:
-            command = await _socks5_handshake(stream, prefix, conn, settings, client)
-        if scope.cancelled_caught:
-            log.info("%s: %s: SOCKS5 handshake timed out", settings.name, _who(client))
-            return
+        command = await limited(
+            stream,
+            settings.handshake_timeout,
+            _socks5_handshake(stream, prefix, conn, settings, client),
+        )
+    except trio.TooSlowError:
+        log.info("%s: %s: SOCKS5 handshake timed out", settings.name, _who(client))
+        return
     except RemoteProtocolError as exc:
         log.info("%s: %s: SOCKS5 protocol error: %s", settings.name, _who(client), exc)
         await _flush_quietly(stream, conn, settings.handshake_timeout)
@@ -424,11 +428,12 @@ async def handle_socks4(
     settings = ctx.settings
     conn = socks4.Socks4ServerConnection()
     try:
-        with trio.move_on_after(settings.handshake_timeout) as scope:
-            command = await _socks4_handshake(stream, prefix, conn)
-        if scope.cancelled_caught:
-            log.info("%s: %s: SOCKS4 handshake timed out", settings.name, _who(client))
-            return
+        command = await limited(
+            stream, settings.handshake_timeout, _socks4_handshake(stream, prefix, conn)
+        )
+    except trio.TooSlowError:
+        log.info("%s: %s: SOCKS4 handshake timed out", settings.name, _who(client))
+        return
     except RemoteProtocolError as exc:
         log.info("%s: %s: SOCKS4 protocol error: %s", settings.name, _who(client), exc)
         await _flush_quietly(stream, conn, settings.handshake_timeout)

@@ -6,6 +6,9 @@ call completed immediately, and every checkpoint is a full pass of trio's run lo
 on a small router the passes add up to most of the latency sidestep adds. :class:`FastStream`
 tries the system call first and only waits (with trio) when it would block. To stay fair to
 other tasks it still yields every :data:`YIELD_EVERY` calls that did not wait.
+
+Time limits on a :class:`FastStream` are :class:`~proxy.net.alarm.Alarm`\\s rather than cancel
+scopes (:func:`limited`): a wait that outlives one raises ``trio.TooSlowError``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
+
+from proxy.net.alarm import Alarm, clock_for
+
+T = TypeVar("T")
 
 #: calls completed without waiting before we yield to the scheduler anyway
 YIELD_EVERY = 16
@@ -29,7 +38,7 @@ class FastStream(trio.abc.HalfCloseableStream):
     with any trio stream) and are not detected here.
     """
 
-    __slots__ = ("_quick", "socket", "tcp")
+    __slots__ = ("_alarm", "_quick", "socket", "tcp")
 
     def __init__(self, sock: trio.socket.SocketType, *, tcp: bool | None = None) -> None:
         """``tcp=True`` is the word of a caller that made or accepted ``sock`` as an IPv4 or
@@ -40,6 +49,7 @@ class FastStream(trio.abc.HalfCloseableStream):
             tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.socket = sock
         self._quick = 0
+        self._alarm: Alarm | None = None
         #: a TCP socket (IPv4 or IPv6), not a Unix one
         self.tcp = tcp
         if tcp:
@@ -51,6 +61,37 @@ class FastStream(trio.abc.HalfCloseableStream):
         if self._quick >= YIELD_EVERY:
             self._quick = 0
             await trio.lowlevel.checkpoint()
+
+    def time_limit(self, seconds: float) -> None:
+        """From now on, a wait of this stream that ends later than ``seconds`` from now (up
+        to one clock tick later) raises ``trio.TooSlowError``, until :meth:`no_time_limit`."""
+        wanted = clock_for(seconds)
+        alarm = self._alarm
+        if alarm is None or alarm.clock is not wanted:
+            alarm = self._alarm = wanted.alarm(self.socket)
+        alarm.arm(seconds)
+
+    def no_time_limit(self) -> None:
+        """Lift the limit :meth:`time_limit` set."""
+        alarm = self._alarm
+        if alarm is not None:
+            alarm.disarm()
+            alarm.rang = False
+
+    async def _wait(self, wait: Callable[[trio.socket.SocketType], Awaitable[None]]) -> None:
+        """``trio.lowlevel.wait_readable``/``wait_writable`` under the stream's time limit."""
+        alarm = self._alarm
+        if alarm is None:
+            await wait(self.socket)
+            return
+        if alarm.rang:
+            raise trio.TooSlowError
+        try:
+            await wait(self.socket)
+        except trio.ClosedResourceError:
+            if alarm.rang:
+                raise trio.TooSlowError from None
+            raise
 
     def _fd(self) -> int:
         fd = self.socket.fileno()
@@ -68,7 +109,7 @@ class FastStream(trio.abc.HalfCloseableStream):
                 data = os.read(fd, size)
             except BlockingIOError:
                 self._quick = 0
-                await trio.lowlevel.wait_readable(self.socket)
+                await self._wait(trio.lowlevel.wait_readable)
                 fd = self._fd()
                 continue
             except OSError as exc:
@@ -86,7 +127,7 @@ class FastStream(trio.abc.HalfCloseableStream):
                     sent += os.write(fd, view[sent:])
                 except BlockingIOError:
                     self._quick = 0
-                    await trio.lowlevel.wait_writable(self.socket)
+                    await self._wait(trio.lowlevel.wait_writable)
                     fd = self._fd()
                 except OSError as exc:
                     raise trio.BrokenResourceError(exc) from exc
@@ -127,6 +168,23 @@ class FastStream(trio.abc.HalfCloseableStream):
         if buffersize:
             return self.socket.getsockopt(level, option, buffersize)
         return self.socket.getsockopt(level, option)
+
+
+async def limited(stream: trio.abc.Stream, seconds: float, work: Awaitable[T]) -> T:
+    """Await ``work``, whose waits are on ``stream``, for at most ``seconds``; raises
+    ``trio.TooSlowError`` when that passes.
+
+    A :class:`FastStream` keeps the limit with an alarm (its waits end up to one clock tick
+    late, and only waits on that stream are limited); any other stream gets a cancel scope.
+    """
+    if isinstance(stream, FastStream):
+        stream.time_limit(seconds)
+        try:
+            return await work
+        finally:
+            stream.no_time_limit()
+    with trio.fail_after(seconds):
+        return await work
 
 
 #: what sidestep's TCP code accepts: the fast stream or trio's own

@@ -68,7 +68,7 @@ from proxy.inbound.base import (
 from proxy.net.dial import open_tcp
 from proxy.net.monitor import Baseline, Degradation, LinkMonitor, RecordTracker
 from proxy.net.relay import relay
-from proxy.net.stream import FastStream, TcpStream
+from proxy.net.stream import FastStream, TcpStream, limited
 from proxy.resolve.base import Resolver
 from proxy.route.control import judge_attempts, probe_address
 from proxy.route.firstflight import FirstFlight, read_first_flight
@@ -370,16 +370,20 @@ class Dispatcher:
         """
         start = trio.current_time()
         outcome, detail = Outcome.TIMEOUT_AFTER_FIRST_FLIGHT, "no answer"
+        stream = winner.stream
         try:
-            with trio.move_on_after(self.settings.idle_timeout):
-                try:
-                    winner.response = await winner.stream.receive_some(FIRST_RESPONSE_READ)
-                except (trio.BrokenResourceError, OSError) as exc:
-                    outcome, detail = Outcome.RESET_AFTER_FIRST_FLIGHT, f"reset ({exc})"
-                else:
-                    if winner.response:
-                        return
-                    outcome, detail = Outcome.EOF_BEFORE_RESPONSE, "closed before answering"
+            try:
+                winner.response = await limited(
+                    stream, self.settings.idle_timeout, stream.receive_some(FIRST_RESPONSE_READ)
+                )
+            except trio.TooSlowError:
+                pass
+            except (trio.BrokenResourceError, OSError) as exc:
+                outcome, detail = Outcome.RESET_AFTER_FIRST_FLIGHT, f"reset ({exc})"
+            else:
+                if winner.response:
+                    return
+                outcome, detail = Outcome.EOF_BEFORE_RESPONSE, "closed before answering"
         except BaseException:  # cancelled: never leak the stream
             await trio.aclose_forcefully(winner.stream)
             raise

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from proxy.errors import RemoteProtocolError
+from proxy.net.stream import limited
 from proxy.protocols.tls_hello import ClientHello, looks_like_tls, parse_client_hello
 
 
@@ -51,26 +52,34 @@ async def read_first_flight(
     """
     buf = bytearray(prefix)
     if not buf:
-        with trio.move_on_after(wait):
-            chunk = await stream.receive_some(max_bytes)
-            buf += chunk
+        try:
+            buf += await limited(stream, wait, stream.receive_some(max_bytes))
+        except trio.TooSlowError:
+            pass
         if not buf:
             return FirstFlight(b"")
     if not looks_like_tls(bytes(buf[:3])):
         return FirstFlight(bytes(buf))
+    try:
+        return await limited(stream, timeout, _read_hello(stream, buf, max_bytes))
+    except trio.TooSlowError:
+        return FirstFlight(
+            bytes(buf), tls_error="timed out waiting for the rest of the ClientHello"
+        )
 
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                hello = parse_client_hello(bytes(buf))
-            except RemoteProtocolError as exc:
-                return FirstFlight(bytes(buf), tls_error=str(exc))
-            if hello is not None:
-                return FirstFlight(bytes(buf), hello=hello)
-            if len(buf) >= max_bytes:
-                return FirstFlight(bytes(buf), tls_error="ClientHello larger than first_flight_max")
-            chunk = await stream.receive_some(max_bytes - len(buf))
-            if not chunk:
-                return FirstFlight(bytes(buf), tls_error="client closed inside its ClientHello")
-            buf += chunk
-    return FirstFlight(bytes(buf), tls_error="timed out waiting for the rest of the ClientHello")
+
+async def _read_hello(stream: trio.abc.Stream, buf: bytearray, max_bytes: int) -> FirstFlight:
+    """Read into ``buf`` until it holds a whole ClientHello (or cannot become one)."""
+    while True:
+        try:
+            hello = parse_client_hello(bytes(buf))
+        except RemoteProtocolError as exc:
+            return FirstFlight(bytes(buf), tls_error=str(exc))
+        if hello is not None:
+            return FirstFlight(bytes(buf), hello=hello)
+        if len(buf) >= max_bytes:
+            return FirstFlight(bytes(buf), tls_error="ClientHello larger than first_flight_max")
+        chunk = await stream.receive_some(max_bytes - len(buf))
+        if not chunk:
+            return FirstFlight(bytes(buf), tls_error="client closed inside its ClientHello")
+        buf += chunk

@@ -38,7 +38,7 @@ from proxy.detect.outcome import Outcome, judge_first_response, outcome_of_conne
 from proxy.errors import ConnectTimeout, ProxyError, ResolveError, UpstreamError
 from proxy.inbound.base import IPAddress, Target
 from proxy.net.dial import open_tcp
-from proxy.net.stream import FastStream, TcpStream
+from proxy.net.stream import FastStream, TcpStream, limited
 from proxy.strategies.base import Strategy
 from proxy.strategies.direct import DirectStrategy
 from proxy.strategies.fragment import FragmentStrategy, NotApplicable, reframable
@@ -160,8 +160,12 @@ async def attempt(
         return Winner(strategy.name, stream, b"")
     left = max(0.0, timeout - (trio.current_time() - start))
     try:
-        with trio.move_on_after(left) as scope:
-            response = await stream.receive_some(FIRST_RESPONSE_READ)
+        response = await limited(stream, left, stream.receive_some(FIRST_RESPONSE_READ))
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise failed(
+            Outcome.TIMEOUT_AFTER_FIRST_FLIGHT, f"no answer within {timeout:g} s"
+        ) from None
     except (trio.BrokenResourceError, OSError) as exc:
         await trio.aclose_forcefully(stream)
         detail = f"reset after the first flight ({exc})"
@@ -169,9 +173,6 @@ async def attempt(
     except BaseException:  # cancelled (a race was won elsewhere): never leak the stream
         await trio.aclose_forcefully(stream)
         raise
-    if scope.cancelled_caught:
-        await trio.aclose_forcefully(stream)
-        raise failed(Outcome.TIMEOUT_AFTER_FIRST_FLIGHT, f"no answer within {timeout:g} s")
     verdict = judge_first_response(first_flight, response, tls=tls)
     if verdict is not Outcome.OK:
         await trio.aclose_forcefully(stream)
