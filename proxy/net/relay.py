@@ -1,7 +1,9 @@
 """Moving bytes both ways between two streams once a tunnel is up.
 
 :func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a relayed
-connection costs one extra task. Monitors are shown their counters by one task shared by every
+connection costs one extra task; between TCP sockets, a direction that is over when the relay
+starts (the server answered and closed) is finished first and the other then copied in the
+calling task, without the extra one. Monitors are shown their counters by one task shared by every
 relay of the run (:class:`_Ticker`), not a task and a timer per connection. Its rules:
 
 * **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
@@ -12,7 +14,9 @@ relay of the run (:class:`_Ticker`), not a task and a timer per connection. Its 
   that the data was cut short instead of seeing a clean end.
 * **Idle timeout** is shared: the relay ends when no byte has moved either way for
   ``idle_timeout`` seconds. The deadline is refreshed at most once per ``slack`` (a twentieth of the
-  timeout, at most one second), so it may fire up to ``slack`` late but never early.
+  timeout, at most one second), so it may fire up to ``slack`` late but never early. Between TCP
+  sockets it is an :class:`~proxy.net.alarm.Alarm` (up to one more clock tick late) instead of a
+  cancel scope.
 * **Bounded memory**: at most one ``buffer_size`` read in flight per direction, and no buffer is
   kept while a direction waits.
 
@@ -35,12 +39,14 @@ import os
 import socket
 import struct
 import sys
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 import trio
 
+from proxy.net.alarm import Alarm, clock_for
 from proxy.net.monitor import Degradation, LinkMonitor, RecordTracker
 from proxy.net.stream import FastStream, TcpStream
 
@@ -51,6 +57,10 @@ _PIPE_SIZE = 1 << 20
 #: loop turns without blocking after which a direction lets other tasks run
 _TURNS_BEFORE_YIELD = 16
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+#: the first byte of ``struct tcp_info`` (the state) for a socket whose peer sent its FIN
+_CLOSE_WAIT = bytes([8])
+_ZERO = struct.pack("i", 0)
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -77,12 +87,18 @@ class RelayStats:
 
 
 class _Shared:
-    """State both directions of one relay touch: statistics and the idle deadline."""
+    """State both directions of one relay touch: statistics, the idle deadline, the end.
+
+    The idle deadline is an :class:`~proxy.net.alarm.Alarm` on both sockets when the relay
+    copies between TCP sockets, else the deadline of the cancel scope of the relay's nursery.
+    """
 
     __slots__ = (
+        "alarm",
         "b_waits_on_a",
         "closing",
         "error",
+        "halted",
         "idle",
         "pumping",
         "refresh_at",
@@ -94,7 +110,13 @@ class _Shared:
     )
 
     def __init__(
-        self, stats: RelayStats, scope: trio.CancelScope, idle: float, streams: tuple[object, ...]
+        self,
+        stats: RelayStats,
+        idle: float,
+        streams: tuple[object, ...],
+        *,
+        scope: trio.CancelScope | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
         self.stats = stats
         self.closing = False
@@ -103,6 +125,7 @@ class _Shared:
         #: the ``b -> a`` direction is waiting until ``a`` (the client) takes more data
         self.b_waits_on_a = False
         self.scope = scope
+        self.alarm = alarm
         self.idle = idle
         self.slack = min(idle / 20, 1.0)
         self.streams = streams
@@ -110,16 +133,24 @@ class _Shared:
         self.pumping = 2
         #: what the monitor's ``on_degraded`` raised (the relay ends and raises it)
         self.error: Exception | None = None
+        #: the relay was told to end (a broken stream, the monitor): the pumps stop
+        self.halted = False
         now = trio.current_time()
         self.refresh_at = now + self.slack
-        scope.deadline = now + idle + self.slack
+        if alarm is not None:
+            alarm.arm(idle + self.slack)
+        elif scope is not None:
+            scope.deadline = now + idle + self.slack
 
     def touch(self) -> None:
         """Bytes moved: push the idle deadline (cheaply, at most once per ``slack``)."""
         now = trio.current_time()
         if now >= self.refresh_at:
             self.refresh_at = now + self.slack
-            self.scope.deadline = now + self.idle + self.slack
+            if self.alarm is not None:
+                self.alarm.deadline = now + self.idle + self.slack
+            elif self.scope is not None:
+                self.scope.deadline = now + self.idle + self.slack
 
     def pump_done(self) -> None:
         """One direction ended by itself (EOF or a broken stream)."""
@@ -129,6 +160,20 @@ class _Shared:
     def done(self) -> bool:
         """Both directions ended by themselves (not by the idle deadline)."""
         return self.pumping == 0
+
+    @property
+    def ended_elsewhere(self) -> bool:
+        """The relay is ending for a reason outside the pump that asks (idle, halted)."""
+        return self.halted or (self.alarm is not None and self.alarm.rang)
+
+    @property
+    def idled_out(self) -> bool:
+        """The idle deadline ended the relay."""
+        if self.alarm is not None:
+            idle = self.alarm.rang
+        else:
+            idle = self.scope is not None and self.scope.cancelled_caught
+        return idle and not self.stats.reset and not self.done
 
     def closed(self, side: str) -> None:
         if self.stats.first_closed is None:
@@ -145,7 +190,18 @@ class _Shared:
                         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     except OSError:
                         pass
-        self.scope.cancel()
+        self.halt()
+
+    def halt(self) -> None:
+        """End both directions now: cancel the nursery, or wake the pumps' waits."""
+        self.halted = True
+        if self.scope is not None:
+            self.scope.cancel()
+            return
+        for stream in self.streams:
+            sock = cast(TcpStream, stream).socket
+            if sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(sock)
 
 
 async def relay(
@@ -178,43 +234,97 @@ async def relay(
     if buffer_size <= 0:
         raise ValueError("buffer_size must be positive")
     stats = RelayStats()
-    fast = _is_tcp_socket(a) and _is_tcp_socket(b)
-    use_splice = splice and _CAN_SPLICE
     watch: _Watch | None = None
     ticker: _Ticker | None = None
-    # One nursery: its scope carries the idle deadline.
-    try:
-        async with trio.open_nursery() as nursery:
-            shared = _Shared(stats, nursery.cancel_scope, idle_timeout, (a, b))
-            shared.closing = closing
-            if monitor is not None:
-                shared.tap = monitor.records
-                watch = _Watch(shared, monitor, on_degraded)
-                ticker = _ticker()
-                ticker.add(watch)
-            if fast:
-                sa, sb = cast(TcpStream, a), cast(TcpStream, b)
-                args = (buffer_size, use_splice)
-                nursery.start_soon(_direction, shared, _pump_fds, sb, sa, False, *args)
-                await _direction(shared, _pump_fds, sa, sb, True, *args)
-            else:
+    if _is_tcp_socket(a) and _is_tcp_socket(b):
+        sa, sb = cast(TcpStream, a), cast(TcpStream, b)
+        alarm = clock_for(idle_timeout).alarm(sa.socket, sb.socket)
+        shared = _Shared(stats, idle_timeout, (a, b), alarm=alarm)
+        shared.closing = closing
+        if monitor is not None:
+            watch, ticker = _watch(shared, monitor, on_degraded)
+        try:
+            await _relay_sockets(shared, sa, sb, buffer_size, splice and _CAN_SPLICE)
+        finally:
+            alarm.disarm()
+            if ticker is not None and watch is not None:
+                ticker.drop(watch)
+    else:
+        # One nursery: its scope carries the idle deadline.
+        try:
+            async with trio.open_nursery() as nursery:
+                shared = _Shared(stats, idle_timeout, (a, b), scope=nursery.cancel_scope)
+                shared.closing = closing
+                if monitor is not None:
+                    watch, ticker = _watch(shared, monitor, on_degraded)
                 nursery.start_soon(_direction, shared, _pump_streams, b, a, False, buffer_size)
                 await _direction(shared, _pump_streams, a, b, True, buffer_size)
-    finally:
-        if ticker is not None and watch is not None:
-            ticker.drop(watch)
+        finally:
+            if ticker is not None and watch is not None:
+                ticker.drop(watch)
     if shared.error is not None:
         raise shared.error
-    if nursery.cancel_scope.cancelled_caught and not stats.reset and not shared.done:
+    if shared.idled_out:
         stats.idle_timeout = True
     return stats
 
 
+def _watch(
+    shared: _Shared, monitor: LinkMonitor, on_degraded: Callable[[Degradation], bool] | None
+) -> tuple[_Watch, _Ticker]:
+    shared.tap = monitor.records
+    watch = _Watch(shared, monitor, on_degraded)
+    ticker = _ticker()
+    ticker.add(watch)
+    return watch, ticker
+
+
+async def _relay_sockets(
+    shared: _Shared, a: TcpStream, b: TcpStream, size: int, use_splice: bool
+) -> None:
+    """Both directions between two TCP sockets, in as few tasks as the flow allows.
+
+    A short exchange is often half over when the relay starts: the server answered and closed.
+    A direction whose socket has nothing but its EOF waiting is finished on the spot, and the
+    other one is then copied in this task; only when both directions may have to wait does
+    ``b -> a`` get a task of its own (a spawn, a nursery and a scheduler pass saved per
+    connection otherwise).
+    """
+    if _eof_waiting(b.socket):
+        await _direction(shared, _pump_fds, b, a, False, size, use_splice)
+        if not shared.ended_elsewhere:
+            await _direction(shared, _pump_fds, a, b, True, size, use_splice)
+        return
+    if _eof_waiting(a.socket):
+        await _direction(shared, _pump_fds, a, b, True, size, use_splice)
+        if not shared.ended_elsewhere:
+            await _direction(shared, _pump_fds, b, a, False, size, use_splice)
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_direction, shared, _pump_fds, b, a, False, size, use_splice)
+        await _direction(shared, _pump_fds, a, b, True, size, use_splice)
+
+
+def _eof_waiting(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer of ``sock`` sent its FIN and nothing is left to read before it (the
+    next read returns EOF), found without reading: the TCP state is CLOSE_WAIT and the
+    receive queue is empty. False where TCP_INFO is not available."""
+    if _TCP_INFO is None:
+        return False
+    try:
+        if sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) != _CLOSE_WAIT:
+            return False
+        return fcntl.ioctl(sock.fileno(), termios.FIONREAD, _ZERO) == _ZERO
+    except OSError:  # an error the pump will meet and report
+        return False
+
+
 async def _direction(shared: _Shared, pump: Callable[..., Awaitable[None]], *args: object) -> None:
     """Run one direction's pump and tell ``shared`` when it ended by itself (EOF or a broken
-    stream; not when the relay's scope cancelled it)."""
+    stream; not when the idle deadline or the other direction ended the relay)."""
     await pump(shared, *args)
-    shared.pump_done()
+    if not shared.ended_elsewhere:
+        shared.pump_done()
 
 
 class _Watch:
@@ -253,7 +363,7 @@ class _Watch:
                 shared.abort("b")
         except Exception as exc:  # the relay raises it: the ticker serves every other relay
             shared.error = exc
-            shared.scope.cancel()
+            shared.halt()
         return False
 
 
@@ -392,8 +502,9 @@ async def _pump_fds(
     wait_readable = trio.lowlevel.wait_readable
 
     def check_open() -> None:
-        # after any wait another task may have closed a socket (and the fd number been reused)
-        if src_sock.fileno() != sfd or dst_sock.fileno() != dfd:
+        # after any wait another task may have closed a socket (and the fd number been
+        # reused), or the relay may be ending (idle, the other direction broke)
+        if src_sock.fileno() != sfd or dst_sock.fileno() != dfd or shared.ended_elsewhere:
             raise _Closed
 
     stats = shared.stats
@@ -482,7 +593,8 @@ async def _pump_fds(
                     check_open()
                     turns = 0
     except (OSError, _Closed, trio.ClosedResourceError):
-        shared.abort(failed_side)
+        if not shared.ended_elsewhere:
+            shared.abort(failed_side)
         return
     finally:
         if pipe is not None:
