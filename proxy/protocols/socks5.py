@@ -207,7 +207,9 @@ class UdpDatagram:
 # ------------------------------------------------------------------------------- address codec
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_COMMANDS = frozenset(int(c) for c in Command)
+_COMMANDS = {int(c): c for c in Command}
+#: ATYP byte -> address type (a dict lookup is cheaper than calling the enum)
+_ADDRESS_TYPES = {int(t): t for t in AddressType}
 
 
 def decode_domain(raw: bytes, *, reply_code: int | None = None) -> str:
@@ -293,7 +295,7 @@ def _parse_address(buf: bytes | bytearray, pos: int) -> tuple[AddressType, str, 
         end = pos + 1 + 4
         if len(buf) < end + 2:
             return None
-        host = str(ipaddress.IPv4Address(bytes(buf[pos + 1 : end])))
+        host = "%d.%d.%d.%d" % tuple(buf[pos + 1 : end])  # noqa: UP031 (one C call)
     elif atyp == AddressType.IPV6:
         end = pos + 1 + 16
         if len(buf) < end + 2:
@@ -311,7 +313,7 @@ def _parse_address(buf: bytes | bytearray, pos: int) -> tuple[AddressType, str, 
             f"unknown address type 0x{atyp:02x}", reply_code=ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
         )
     port = int.from_bytes(buf[end : end + 2], "big")
-    return AddressType(atyp), host, port, end + 2
+    return _ADDRESS_TYPES[atyp], host, port, end + 2
 
 
 def build_reply(code: ReplyCode, bind_host: str = "0.0.0.0", bind_port: int = 0) -> bytes:
@@ -538,7 +540,7 @@ class Socks5ServerConnection(_Connection):
         if parsed is None:
             return False
         atyp, host, port, end = parsed
-        command = Command(buf[1])
+        command = _COMMANDS[buf[1]]
         self._take(end)
         events.append(CommandRequested(command, host, port, atyp))
         self._move(Step.REQUEST)
