@@ -22,6 +22,8 @@ as objects and one whose ``fileno()`` is -1 is skipped as well.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 #: ticks with nothing armed after which a clock parks until the next arm
@@ -29,37 +31,43 @@ _IDLE_TICKS = 40
 
 
 class Alarm:
-    """A deadline for waits on ``handles`` (trio sockets), rung by ``clock``."""
+    """A deadline for waits on ``handles`` (trio sockets), rung by one of the run's clocks."""
 
-    __slots__ = ("clock", "deadline", "handles", "rang")
+    __slots__ = ("clock", "clocks", "deadline", "handles", "rang")
 
-    def __init__(self, clock: Clock, *handles: trio.socket.SocketType) -> None:
-        self.clock = clock
+    def __init__(self, clocks: Clocks, *handles: trio.socket.SocketType) -> None:
+        self.clocks = clocks
+        #: the clock it is (or was last) armed on
+        self.clock: Clock | None = None
         self.handles = handles
         self.deadline = 0.0
         #: the deadline passed (or :meth:`ring` was called) since the last :meth:`arm`
         self.rang = False
 
     def arm(self, seconds: float) -> None:
-        """Ring in ``seconds`` (up to one tick later) unless disarmed before."""
+        """Ring in ``seconds`` (up to one tick of its clock later) unless disarmed before."""
+        clocks = self.clocks
+        clock = clocks.fine if seconds < FINE_BELOW else clocks.coarse
+        if clock is not self.clock:
+            if self.clock is not None:
+                self.clock.armed.pop(self, None)
+            self.clock = clock
+            if not clock.started:
+                clock.start()
         self.rang = False
-        self.deadline = trio.current_time() + seconds
-        clock = self.clock
+        self.deadline = clocks.now() + seconds
         clock.armed[self] = None
         if clock.parked is not None:
             clock.parked.set()
 
-    def move(self, seconds: float) -> None:
-        """Push an armed alarm's deadline to ``seconds`` from now (a no-op once it rang)."""
-        self.deadline = trio.current_time() + seconds
-
     def disarm(self) -> None:
         """Do not ring (what it did ring is still in :attr:`rang`)."""
-        self.clock.armed.pop(self, None)
+        if self.clock is not None:
+            self.clock.armed.pop(self, None)
 
     def ring(self) -> None:
         """Ring now: mark the alarm rung and wake every wait on its sockets."""
-        self.clock.armed.pop(self, None)
+        self.disarm()
         self.rang = True
         for handle in self.handles:
             if handle.fileno() >= 0:
@@ -69,7 +77,7 @@ class Alarm:
 class Clock:
     """Rings the alarms of one trio run whose deadlines passed, ``tick`` seconds apart."""
 
-    __slots__ = ("armed", "name", "parked", "tick")
+    __slots__ = ("armed", "name", "parked", "started", "tick")
 
     def __init__(self, tick: float, name: str) -> None:
         self.tick = tick
@@ -78,13 +86,14 @@ class Clock:
         self.armed: dict[Alarm, None] = {}
         #: set while the task waits for something to be armed
         self.parked: trio.Event | None = None
+        self.started = False
 
-    def alarm(self, *handles: trio.socket.SocketType) -> Alarm:
-        """A new, unarmed alarm for waits on ``handles``."""
-        return Alarm(self, *handles)
+    def start(self) -> None:
+        """Start the clock's task (a system task of the current run)."""
+        self.started = True
+        trio.lowlevel.spawn_system_task(self._run, name=self.name)
 
-    async def run(self) -> None:
-        """The clock's task (a system task, started by :func:`clock`)."""
+    async def _run(self) -> None:
         idle = 0
         while True:
             await trio.sleep(self.tick)
@@ -103,30 +112,38 @@ class Clock:
                 alarm.ring()
 
 
-_CLOCKS: dict[float, trio.lowlevel.RunVar[Clock]] = {}
+class Clocks:
+    """The two clocks of one trio run, and its time."""
+
+    __slots__ = ("coarse", "fine", "now")
+
+    def __init__(self) -> None:
+        self.fine = Clock(FINE, f"sidestep clock ({FINE:g} s)")
+        self.coarse = Clock(COARSE, f"sidestep clock ({COARSE:g} s)")
+        #: trio's current time (the run's clock, without the module-level lookups)
+        self.now: Callable[[], float] = trio.lowlevel.current_clock().current_time
+
+    def alarm(self, *handles: trio.socket.SocketType) -> Alarm:
+        """A new, unarmed alarm for waits on ``handles``."""
+        return Alarm(self, *handles)
 
 
-def clock(tick: float) -> Clock:
-    """The run's clock that ticks every ``tick`` seconds (started on first use)."""
-    var = _CLOCKS.get(tick)
-    if var is None:
-        var = _CLOCKS[tick] = trio.lowlevel.RunVar(f"sidestep_clock_{tick}")
+_CLOCKS: trio.lowlevel.RunVar[Clocks] = trio.lowlevel.RunVar("sidestep_clocks")
+
+
+def clocks() -> Clocks:
+    """The current run's clocks (their tasks start when their first alarm is armed)."""
     try:
-        return var.get()
+        return _CLOCKS.get()
     except LookupError:
-        found = Clock(tick, f"sidestep clock ({tick:g} s)")
-        var.set(found)
-        trio.lowlevel.spawn_system_task(found.run, name=found.name)
+        found = Clocks()
+        _CLOCKS.set(found)
         return found
 
 
-#: tick of the clock for waits shorter than a few seconds
+#: tick of the clock for waits shorter than :data:`FINE_BELOW` seconds
 FINE = 0.05
-#: tick of the clock for handshakes and idle connections
+#: tick of the clock for longer waits (handshakes, idle connections)
 COARSE = 1.0
-
-
-def clock_for(seconds: float) -> Clock:
-    """The clock for a limit of ``seconds``: :data:`FINE` below five seconds (where a second
-    late would matter), else :data:`COARSE`."""
-    return clock(FINE if seconds < 5 else COARSE)
+#: limits below this many seconds are kept by the fine clock (a second late would matter)
+FINE_BELOW = 5.0

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import trio
 
-from proxy.net.alarm import Alarm, clock_for
+from proxy.net.alarm import Alarm, clocks
 
 T = TypeVar("T")
 
@@ -65,10 +65,9 @@ class FastStream(trio.abc.HalfCloseableStream):
     def time_limit(self, seconds: float) -> None:
         """From now on, a wait of this stream that ends later than ``seconds`` from now (up
         to one clock tick later) raises ``trio.TooSlowError``, until :meth:`no_time_limit`."""
-        wanted = clock_for(seconds)
         alarm = self._alarm
-        if alarm is None or alarm.clock is not wanted:
-            alarm = self._alarm = wanted.alarm(self.socket)
+        if alarm is None:
+            alarm = self._alarm = clocks().alarm(self.socket)
         alarm.arm(seconds)
 
     def no_time_limit(self) -> None:

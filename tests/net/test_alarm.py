@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.net.alarm import COARSE, FINE, clock, clock_for
+from proxy.net.alarm import COARSE, FINE, clocks
 from proxy.net.relay import relay
 from proxy.net.stream import FastStream, limited
 
@@ -47,7 +47,7 @@ async def test_a_read_answered_in_time_disarms_its_alarm(
     ours, peer = await _pair()
     await peer.send_all(b"in time")
     assert await limited(ours, 1.0, ours.receive_some()) == b"in time"
-    assert not clock_for(1.0).armed
+    assert not clocks().fine.armed
     await trio.sleep(5)  # long past the limit: a later wait is not cut short
 
     async def answer_later() -> None:
@@ -81,7 +81,7 @@ async def test_an_alarm_wakes_waits_of_another_task_on_any_of_its_sockets(
 ) -> None:
     one, peer_one = await _pair()
     two, peer_two = await _pair()
-    alarm = clock(FINE).alarm(one.socket, two.socket)
+    alarm = clocks().alarm(one.socket, two.socket)
     woken: list[str] = []
 
     async def wait_on(name: str, sock: trio.socket.SocketType) -> None:
@@ -105,7 +105,7 @@ async def test_an_idle_clock_parks_and_wakes_for_the_next_alarm(
     await peer.send_all(b"quick")
     assert await limited(ours, 0.5, ours.receive_some()) == b"quick"
     await trio.sleep(10)  # 200 ticks with nothing armed
-    fine = clock(FINE)
+    fine = clocks().fine
     assert fine.parked is not None  # asleep until the next arm, not ticking
     start = trio.current_time()
     with pytest.raises(trio.TooSlowError):
@@ -144,7 +144,7 @@ async def test_a_relay_whose_server_already_closed_runs_in_the_callers_task_alon
     with trio.move_on_after(5):  # let the FIN arrive
         while b.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) != bytes([8]):
             await trio.sleep(0.005)
-    clock_for(30)  # the clock's own task starts once per run, on first use
+    clocks().coarse.start()  # the clock's own task starts once per run, on first use
     spawns = _Spawns()
     trio.lowlevel.add_instrument(spawns)
     try:
