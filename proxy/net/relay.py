@@ -46,7 +46,7 @@ from typing import cast
 
 import trio
 
-from proxy.net.alarm import Alarm, clock_for
+from proxy.net.alarm import Alarm, clocks
 from proxy.net.monitor import Degradation, LinkMonitor, RecordTracker
 from proxy.net.stream import FastStream, TcpStream
 
@@ -238,13 +238,15 @@ async def relay(
     ticker: _Ticker | None = None
     if _is_tcp_socket(a) and _is_tcp_socket(b):
         sa, sb = cast(TcpStream, a), cast(TcpStream, b)
-        alarm = clock_for(idle_timeout).alarm(sa.socket, sb.socket)
+        alarm = clocks().alarm(sa.socket, sb.socket)
         shared = _Shared(stats, idle_timeout, (a, b), alarm=alarm)
         shared.closing = closing
-        if monitor is not None:
+        # a server that already sent everything has nothing left to be frozen or throttled
+        b_over = _eof_waiting(sb.socket)
+        if monitor is not None and not b_over:
             watch, ticker = _watch(shared, monitor, on_degraded)
         try:
-            await _relay_sockets(shared, sa, sb, buffer_size, splice and _CAN_SPLICE)
+            await _relay_sockets(shared, sa, sb, b_over, buffer_size, splice and _CAN_SPLICE)
         finally:
             alarm.disarm()
             if ticker is not None and watch is not None:
@@ -280,7 +282,7 @@ def _watch(
 
 
 async def _relay_sockets(
-    shared: _Shared, a: TcpStream, b: TcpStream, size: int, use_splice: bool
+    shared: _Shared, a: TcpStream, b: TcpStream, b_over: bool, size: int, use_splice: bool
 ) -> None:
     """Both directions between two TCP sockets, in as few tasks as the flow allows.
 
@@ -288,9 +290,14 @@ async def _relay_sockets(
     A direction whose socket has nothing but its EOF waiting is finished on the spot, and the
     other one is then copied in this task; only when both directions may have to wait does
     ``b -> a`` get a task of its own (a spawn, a nursery and a scheduler pass saved per
-    connection otherwise).
+    connection otherwise). ``b_over``: :func:`_eof_waiting` is true of ``b``.
     """
-    if _eof_waiting(b.socket):
+    if b_over:
+        if shared.closing and _eof_waiting(a.socket):
+            # both peers are done, and the caller's close sends both FINs: nothing to copy
+            shared.closed("b")
+            shared.pumping = 0
+            return
         await _direction(shared, _pump_fds, b, a, False, size, use_splice)
         if not shared.ended_elsewhere:
             await _direction(shared, _pump_fds, a, b, True, size, use_splice)
