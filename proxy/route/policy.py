@@ -443,22 +443,20 @@ class EarlyDial:
 
 
 def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy]:
-    """``pending`` without the strategies at its head that do not apply to the flight."""
-    skip = 0
+    """``pending`` (itself, or what is left of it) without the strategies at its head that do
+    not apply to the flight."""
     # a flight that is neither TLS nor HTTP skips every fragment variant after one glance
     reframable_flight: bool | None = None
-    while skip < len(pending):
-        strategy = pending[skip]
+    for skip, strategy in enumerate(pending):
         if isinstance(strategy, EarlyDial):
             strategy = strategy.strategy
-        if not isinstance(strategy, FragmentStrategy):
-            break
-        if reframable_flight is None:
-            reframable_flight = reframable(first_flight)
-        if reframable_flight and strategy.applies_to(first_flight):
-            break
-        skip += 1
-    return pending[skip:]
+        if isinstance(strategy, FragmentStrategy):
+            if reframable_flight is None:
+                reframable_flight = reframable(first_flight)
+            if not (reframable_flight and strategy.applies_to(first_flight)):
+                continue
+        return pending[skip:] if skip else pending
+    return []
 
 
 def applies(strategy: Strategy, first_flight: bytes) -> bool:

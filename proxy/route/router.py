@@ -197,6 +197,8 @@ class Router:
         )
         #: seconds the dispatcher's own controls (the neutral-name probe) may take
         self.control_timeout = config.router.control_timeout
+        #: strategy objects per ordered tuple of names (a policy's, or the memory's order)
+        self._by_names: dict[tuple[str, ...], tuple[Strategy, ...]] = {}
         #: the control sites and their cached results; None when none are configured
         self.control: ControlProbes | None = None
         if config.router.control:
@@ -217,7 +219,7 @@ class Router:
         ip = target.ip
         match = self.rules.match(None if ip is not None else target.host, ip, target.port, inbound)
         policy = self.policies[match.policy]
-        names: Sequence[str] = policy.strategies
+        names: tuple[str, ...] = policy.strategies
         index = match.rule_index
         resolver = self.rule_resolvers[index] if index is not None else "default"
         if len(names) == 1:  # nothing to order or learn: skip the site lookup (hot path)
@@ -225,8 +227,13 @@ class Router:
         site = _site(target)
         memory = self.memory
         if self.learn and memory is not None and memory.reorders(self.network, site):
-            names = memory.order(self.network, site, names)
-        return Decision(policy, tuple(self.strategies[n] for n in names), match, site, resolver)
+            names = tuple(memory.order(self.network, site, names))
+        strategies = self._by_names.get(names)
+        if strategies is None:
+            strategies = tuple(self.strategies[n] for n in names)
+            if len(self._by_names) < 256:  # orders are few: policies times learned reorders
+                self._by_names[names] = strategies
+        return Decision(policy, strategies, match, site, resolver)
 
     def to_check(self, attempts: Sequence[AttemptRecord], worked: str | None) -> list[str]:
         """The strategies to check against a control before recording (none without controls).
