@@ -279,6 +279,41 @@ async def run_closing_relay(a: trio.abc.Stream, b: trio.abc.Stream, out: list[Re
     out.append(await relay(a, b, idle_timeout=30.0, closing=True))
 
 
+async def _until_fin_arrived(stream: trio.SocketStream) -> None:
+    with trio.fail_after(5):
+        while stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) != bytes([8]):
+            await trio.sleep(0.005)
+
+
+async def test_relay_of_two_finished_peers_leaves_both_fins_to_the_callers_close() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        await x.send_eof()
+        await y.send_eof()
+        await _until_fin_arrived(a)
+        await _until_fin_arrived(b)
+        stats = await relay(a, b, idle_timeout=30.0, closing=True)
+        assert (stats.a_to_b, stats.b_to_a, stats.reset, stats.idle_timeout) == (0, 0, False, False)
+        # nothing was shut down by the relay: each peer gets its FIN from the caller's close
+        with trio.move_on_after(0.2) as quiet:
+            await x.receive_some(1)
+        assert quiet.cancelled_caught
+        await a.aclose()
+        await b.aclose()
+        assert await x.receive_some(1) == b"" and await y.receive_some(1) == b""
+
+
+async def test_relay_of_two_finished_peers_without_closing_passes_both_fins_on() -> None:
+    async with relayed_tcp() as (x, a, b, y):
+        await x.send_eof()
+        await y.send_eof()
+        await _until_fin_arrived(a)
+        await _until_fin_arrived(b)
+        stats = await relay(a, b, idle_timeout=30.0)
+        assert not stats.reset and not stats.idle_timeout
+        with trio.fail_after(5):  # a and b still open: the FINs came from the relay
+            assert await x.receive_some(1) == b"" and await y.receive_some(1) == b""
+
+
 # -- the in-line monitor ----------------------------------------------------------------------
 
 
