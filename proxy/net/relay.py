@@ -95,6 +95,7 @@ class _Shared:
 
     __slots__ = (
         "alarm",
+        "armed",
         "b_waits_on_a",
         "closing",
         "error",
@@ -135,12 +136,18 @@ class _Shared:
         self.error: Exception | None = None
         #: the relay was told to end (a broken stream, the monitor): the pumps stop
         self.halted = False
+        #: the alarm is armed (only once a pump had to wait: a relay that never waits needs none)
+        self.armed = False
         now = trio.current_time()
         self.refresh_at = now + self.slack
-        if alarm is not None:
-            alarm.arm(idle + self.slack)
-        elif scope is not None:
+        if scope is not None:
             scope.deadline = now + idle + self.slack
+
+    def before_wait(self) -> None:
+        """A pump is about to wait: from now on the idle deadline applies."""
+        if not self.armed and self.alarm is not None:
+            self.armed = True
+            self.alarm.arm(self.idle + self.slack)
 
     def touch(self) -> None:
         """Bytes moved: push the idle deadline (cheaply, at most once per ``slack``)."""
@@ -526,6 +533,7 @@ async def _pump_fds(
             try:
                 data = os.read(sfd, size)
             except BlockingIOError:
+                shared.before_wait()
                 await wait_readable(sfd)
                 check_open()
                 turns = 0
@@ -574,6 +582,7 @@ async def _pump_fds(
                 try:
                     n = splice(sfd, pipe_w, _PIPE_SIZE, flags=flags)
                 except BlockingIOError:
+                    shared.before_wait()
                     await wait_readable(sfd)
                     check_open()
                     turns = 0
@@ -621,6 +630,7 @@ async def _pump_fds(
 
 async def _wait_writable(shared: _Shared, fd: int, forward: bool) -> None:
     """Wait until ``fd`` takes more; the monitor learns when the client sets the pace."""
+    shared.before_wait()
     if forward:
         await trio.lowlevel.wait_writable(fd)
         return

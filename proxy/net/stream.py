@@ -38,7 +38,7 @@ class FastStream(trio.abc.HalfCloseableStream):
     with any trio stream) and are not detected here.
     """
 
-    __slots__ = ("_alarm", "_quick", "socket", "tcp")
+    __slots__ = ("_alarm", "_armed", "_limit", "_quick", "socket", "tcp")
 
     def __init__(self, sock: trio.socket.SocketType, *, tcp: bool | None = None) -> None:
         """``tcp=True`` is the word of a caller that made or accepted ``sock`` as an IPv4 or
@@ -50,6 +50,10 @@ class FastStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._quick = 0
         self._alarm: Alarm | None = None
+        #: seconds of a limit that no wait has started yet (see :meth:`time_limit`)
+        self._limit: float | None = None
+        #: the alarm is armed for the current limit
+        self._armed = False
         #: a TCP socket (IPv4 or IPv6), not a Unix one
         self.tcp = tcp
         if tcp:
@@ -63,28 +67,43 @@ class FastStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
 
     def time_limit(self, seconds: float) -> None:
-        """From now on, a wait of this stream that ends later than ``seconds`` from now (up
-        to one clock tick later) raises ``trio.TooSlowError``, until :meth:`no_time_limit`."""
-        alarm = self._alarm
-        if alarm is None:
-            alarm = self._alarm = clocks().alarm(self.socket)
-        alarm.arm(seconds)
+        """From now on, waits of this stream that end later than ``seconds`` after the first
+        of them began (up to one clock tick later) raise ``trio.TooSlowError``, until
+        :meth:`no_time_limit`.
+
+        The alarm is only armed when a call has to wait: work that never waits (the bytes
+        were there, the kernel took the send) costs a store, not an alarm; and time spent
+        without waiting is the proxy's own, not the peer's.
+        """
+        self._limit = seconds
 
     def no_time_limit(self) -> None:
         """Lift the limit :meth:`time_limit` set."""
-        alarm = self._alarm
-        if alarm is not None:
+        self._limit = None
+        if self._armed:
+            self._armed = False
+            alarm = self._alarm
+            assert alarm is not None
             alarm.disarm()
             alarm.rang = False
 
     async def _wait(self, wait: Callable[[trio.socket.SocketType], Awaitable[None]]) -> None:
         """``trio.lowlevel.wait_readable``/``wait_writable`` under the stream's time limit."""
-        alarm = self._alarm
-        if alarm is None:
+        if self._limit is not None:  # the first wait under a limit: arm it now
+            alarm = self._alarm
+            if alarm is None:
+                alarm = self._alarm = clocks().alarm(self.socket)
+            alarm.arm(self._limit)
+            self._limit = None
+            self._armed = True
+        elif not self._armed:
             await wait(self.socket)
             return
-        if alarm.rang:
-            raise trio.TooSlowError
+        else:
+            alarm = self._alarm
+            assert alarm is not None
+            if alarm.rang:
+                raise trio.TooSlowError
         try:
             await wait(self.socket)
         except trio.ClosedResourceError:
@@ -118,19 +137,29 @@ class FastStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         fd = self._fd()
-        with memoryview(data) as view:
+        try:  # usually the kernel takes it all at once
+            sent = os.write(fd, data)
+        except BlockingIOError:
             sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        if sent != (data.nbytes if isinstance(data, memoryview) else len(data)):
+            await self._send_rest(fd, data, sent)
+        await self._fair()
+
+    async def _send_rest(self, fd: int, data: bytes | bytearray | memoryview, sent: int) -> None:
+        with memoryview(data) as whole, whole.cast("B") as view:
             total = view.nbytes
             while sent < total:
+                self._quick = 0
+                await self._wait(trio.lowlevel.wait_writable)
+                fd = self._fd()
                 try:
                     sent += os.write(fd, view[sent:])
                 except BlockingIOError:
-                    self._quick = 0
-                    await self._wait(trio.lowlevel.wait_writable)
-                    fd = self._fd()
+                    pass
                 except OSError as exc:
                     raise trio.BrokenResourceError(exc) from exc
-        await self._fair()
 
     def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the kernel takes of ``data`` at once, without waiting or yielding;

@@ -61,14 +61,27 @@ async def test_a_read_answered_in_time_disarms_its_alarm(
     await peer.aclose()
 
 
-async def test_a_limit_that_passed_between_waits_ends_the_next_wait(
+async def test_a_limit_counts_from_the_first_wait_and_covers_the_later_ones(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     ours, peer = await _pair()
-    ours.time_limit(0.2)
-    await trio.sleep(1)  # the alarm rings while nobody waits on the socket
-    with pytest.raises(trio.TooSlowError):
-        await ours.receive_some()
+    ours.time_limit(1.0)
+    await trio.sleep(5)  # not waiting on the stream: the limit has not started
+    await peer.send_all(b"a")
+    assert await ours.receive_some() == b"a"  # no wait, still not started
+
+    async def answer_later() -> None:
+        await trio.sleep(0.6)
+        await peer.send_all(b"b")
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_later)
+        assert await ours.receive_some() == b"b"  # the first wait: the limit starts here
+        await trio.sleep(1)  # the alarm rings while nobody waits on the socket
+        with pytest.raises(trio.TooSlowError):  # ... and the next wait ends at once
+            await ours.receive_some()
+    assert trio.current_time() - start == pytest.approx(1.6)
     ours.no_time_limit()
     await peer.send_all(b"x")
     assert await ours.receive_some() == b"x"
@@ -102,8 +115,14 @@ async def test_an_idle_clock_parks_and_wakes_for_the_next_alarm(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     ours, peer = await _pair()
-    await peer.send_all(b"quick")
-    assert await limited(ours, 0.5, ours.receive_some()) == b"quick"
+
+    async def answer_soon() -> None:
+        await trio.sleep(0.1)
+        await peer.send_all(b"quick")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_soon)
+        assert await limited(ours, 0.5, ours.receive_some()) == b"quick"
     await trio.sleep(10)  # 200 ticks with nothing armed
     fine = clocks().fine
     assert fine.parked is not None  # asleep until the next arm, not ticking

@@ -41,3 +41,22 @@ async def test_fast_stream_trusts_a_callers_word_that_the_socket_is_tcp() -> Non
         assert told.tcp
         assert told.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await told.aclose()
+
+
+async def test_fast_stream_send_all_waits_for_room_and_sends_every_byte_in_order() -> None:
+    ours, peer = await _pair()
+    big = bytes(range(256)) * (64 << 10)  # 16 MiB: far more than the socket buffers hold
+    got = bytearray()
+
+    async def read_slowly() -> None:
+        while len(got) < len(big):
+            got.extend(await peer.receive_some(1 << 16))
+            await trio.lowlevel.checkpoint()
+
+    async with peer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            await ours.send_all(memoryview(big)[1:])  # a view, not starting at 0
+            await ours.send_all(big[:1])
+        assert bytes(got) == big[1:] + big[:1]
+        await ours.aclose()
