@@ -71,7 +71,7 @@ from proxy.net.relay import relay
 from proxy.net.stream import FastStream, TcpStream, limited
 from proxy.resolve.base import Resolver
 from proxy.route.control import judge_attempts, probe_address
-from proxy.route.firstflight import FirstFlight, read_first_flight
+from proxy.route.firstflight import NO_FLIGHT, FirstFlight, read_first_flight
 from proxy.route.policy import (
     FIRST_RESPONSE_READ,
     AllFailed,
@@ -215,7 +215,7 @@ class Dispatcher:
         start = trio.current_time()
         self.active += 1
         live = self._register(request, decision.policy.name, start)
-        flight = FirstFlight(b"")
+        flight = NO_FLIGHT
         up = down = 0
         outcome = "ok"
         verdict = Verdict.OK.value
@@ -581,7 +581,7 @@ class Dispatcher:
         self.active += 1
         live = self._register(request, "direct", start)
         live.strategy = "direct"
-        flight = FirstFlight(b"")
+        flight = NO_FLIGHT
         up = down = 0
         outcome = "ok"
         strategy = "direct"

@@ -35,6 +35,10 @@ class FirstFlight:
         return self.hello.sni if self.hello is not None else None
 
 
+#: no first flight (yet): shared, as a flight is immutable
+NO_FLIGHT = FirstFlight(b"")
+
+
 async def read_first_flight(
     stream: trio.abc.Stream,
     prefix: bytes,
@@ -57,7 +61,7 @@ async def read_first_flight(
         except trio.TooSlowError:
             pass
         if not buf:
-            return FirstFlight(b"")
+            return NO_FLIGHT
     if not looks_like_tls(bytes(buf[:3])):
         return FirstFlight(bytes(buf))
     try:

@@ -259,7 +259,10 @@ async def _fallback(
     checked = False
     # applicability is checked lazily, one candidate ahead (enough to know which one is last):
     # when the first strategy gets through, the tricks behind it cost nothing
-    pending = _usable_ahead(list(strategies), first_flight)
+    if reframable(first_flight):
+        pending = _usable_ahead(list(strategies), first_flight)
+    else:  # no fragment variant has anything to re-frame here: one pass drops them all
+        pending = [s for s in strategies if not _is_fragment(s)]
     if not pending:
         raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
     while pending:
@@ -457,6 +460,12 @@ def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy
                 continue
         return pending[skip:] if skip else pending
     return []
+
+
+def _is_fragment(strategy: Strategy) -> bool:
+    if isinstance(strategy, EarlyDial):
+        strategy = strategy.strategy
+    return isinstance(strategy, FragmentStrategy)
 
 
 def applies(strategy: Strategy, first_flight: bytes) -> bool:
