@@ -240,11 +240,13 @@ def _socket_reader(
             try:
                 size = os.readv(fd, [buffer])
             except BlockingIOError:
+                size = -1  # wait outside the handler, which would keep the exception alive
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if size < 0:
                 quick = 0
                 await trio.lowlevel.wait_readable(sock)
                 continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
             quick += 1
             if quick >= YIELD_EVERY:
                 quick = 0

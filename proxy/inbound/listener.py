@@ -23,7 +23,7 @@ from proxy.inbound.base import Handler, InboundContext
 from proxy.inbound.http import handle_http
 from proxy.inbound.socks import handle_socks4, handle_socks5
 from proxy.inbound.transparent import handle_transparent
-from proxy.net.stream import FastStream
+from proxy.net.stream import FastStream, limited
 
 log = logging.getLogger("sidestep.inbound")
 
@@ -113,9 +113,7 @@ class InboundServer:
             try:
                 conn, peer = sock.accept()
             except BlockingIOError:
-                accepted = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
+                conn = None
             except OSError as exc:
                 if exc.errno in _ACCEPT_RETRY_ERRNOS:
                     log.warning("%s: accept failed (%s); retrying", self.name, exc.strerror)
@@ -124,6 +122,10 @@ class InboundServer:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while queued
                 raise
+            if conn is None:  # waited for outside the handler (which would keep the exception)
+                accepted = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
             if not client_allowed(peer[0], self.allow):
                 log.warning("%s: refused client %s: not in the allow list", self.name, peer[0])
                 conn.close()
@@ -144,11 +146,16 @@ class InboundServer:
                 return
             try:
                 # with TCP_DEFER_ACCEPT the first bytes are usually here already: no timer
-                first = os.read(sock.fileno(), 4096)
+                first: bytes | None = os.read(sock.fileno(), 4096)
             except BlockingIOError:
-                first = b""
-                with trio.move_on_after(self.ctx.settings.handshake_timeout):
-                    first = await stream.receive_some(4096)
+                first = None
+            if first is None:  # a slow client: wait, outside the handler (see the relay)
+                try:
+                    first = await limited(
+                        stream, self.ctx.settings.handshake_timeout, stream.receive_some(4096)
+                    )
+                except trio.TooSlowError:
+                    first = b""
             if not first:
                 return
             picked = pick_handler(self.protocol, first[0])

@@ -126,12 +126,14 @@ class FastStream(trio.abc.HalfCloseableStream):
             try:
                 data = os.read(fd, size)
             except BlockingIOError:
+                data = None  # wait outside the handler, which would keep the exception alive
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if data is None:
                 self._quick = 0
                 await self._wait(trio.lowlevel.wait_readable)
                 fd = self._fd()
                 continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
             await self._fair()
             return data
 
