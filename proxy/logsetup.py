@@ -37,6 +37,14 @@ class LineFormatter(logging.Formatter):
         self._second = -1
         self._stamp = ""
 
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # the common case in one f-string: what the format string above gives, without the
+        # dictionary of record attributes it is applied to
+        record.message = message = record.getMessage()
+        return f"{self.formatTime(record)} {record.levelname:<7} {message}"
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:

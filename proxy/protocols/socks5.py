@@ -52,6 +52,10 @@ class ServerState(enum.Enum):
     ESTABLISHED = "established"  # success reply sent; the rest is payload
     CLOSED = "closed"  # rejected, failed or broken: only data_to_send() is still useful
 
+    # members are singletons compared by identity: hash them the same way, in C (the
+    # transition tables are looked up with them on every message)
+    __hash__ = object.__hash__
+
 
 class ClientState(enum.Enum):
     WAIT_METHOD = "wait-method"  # greeting queued, waiting for the server's choice
@@ -60,6 +64,10 @@ class ClientState(enum.Enum):
     WAIT_REPLY = "wait-reply"  # request queued, waiting for the reply
     ESTABLISHED = "established"
     CLOSED = "closed"
+
+    # members are singletons compared by identity: hash them the same way, in C (the
+    # transition tables are looked up with them on every message)
+    __hash__ = object.__hash__
 
 
 class Step(enum.Enum):
@@ -74,6 +82,10 @@ class Step(enum.Enum):
     REQUEST = "request"
     REPLY_OK = "reply-ok"
     REPLY_FAILED = "reply-failed"
+
+    # members are singletons compared by identity: hash them the same way, in C (the
+    # transition tables are looked up with them on every message)
+    __hash__ = object.__hash__
 
 
 # Every allowed move. Anything else is an error: input the peer sends in a state not listed here
