@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import os
 import socket
@@ -483,3 +484,19 @@ async def test_relay_monitors_of_concurrent_relays_tick_on_their_own_intervals(
     assert [round(t - start, 1) for t in ticks[0.5]] == [0.5 * i for i in range(1, 9)]
     assert [round(t - start, 1) for t in ticks[2.0]] == [2.0, 4.0]
     assert all(t <= ended for t in ticks[0.5] + ticks[2.0])
+
+
+async def test_an_idle_relay_keeps_no_exception_alive_while_it_waits() -> None:
+    # a coroutine parked inside an ``except BlockingIOError`` clause would keep the
+    # exception and its traceback: about 1.5 KiB per idle connection
+    async with relayed_tcp() as (x, a, b, y):
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, a, b, out)
+            await x.send_all(b"hello")
+            assert await y.receive_some(10) == b"hello"
+            await trio.testing.wait_all_tasks_blocked()
+            kept = [o for o in gc.get_objects() if isinstance(o, BlockingIOError)]
+            assert kept == []
+            await x.send_eof()
+            await y.send_eof()
