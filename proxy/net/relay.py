@@ -219,7 +219,7 @@ async def relay(
     buffer_size: int = 65536,
     splice: bool = True,
     closing: bool = False,
-    monitor: LinkMonitor | None = None,
+    monitor: LinkMonitor | Callable[[], LinkMonitor | None] | None = None,
     on_degraded: Callable[[Degradation], bool] | None = None,
 ) -> RelayStats:
     """Copy bytes between ``a`` and ``b`` in both directions until both are done.
@@ -235,6 +235,8 @@ async def relay(
     monitor finds a freeze or throttling; when that returns True the relay ends at once with a
     reset both ways (``stats.cut``), so a client stuck on a frozen connection retries at once.
     ``monitor.records``, if any, is fed the ``b -> a`` bytes while they are copied.
+    ``monitor`` may be a function that makes one: it is only called when there is a
+    ``b -> a`` flow to watch (not when the server had already closed when the relay began).
     """
     if idle_timeout <= 0:
         raise ValueError("idle_timeout must be positive")
@@ -251,7 +253,10 @@ async def relay(
         # a server that already sent everything has nothing left to be frozen or throttled
         b_over = _eof_waiting(sb.socket)
         if monitor is not None and not b_over:
-            watch, ticker = _watch(shared, monitor, on_degraded)
+            if callable(monitor):
+                monitor = monitor()
+            if monitor is not None:
+                watch, ticker = _watch(shared, monitor, on_degraded)
         try:
             await _relay_sockets(shared, sa, sb, b_over, buffer_size, splice and _CAN_SPLICE)
         finally:
@@ -264,6 +269,8 @@ async def relay(
             async with trio.open_nursery() as nursery:
                 shared = _Shared(stats, idle_timeout, (a, b), scope=nursery.cancel_scope)
                 shared.closing = closing
+                if callable(monitor):
+                    monitor = monitor()
                 if monitor is not None:
                     watch, ticker = _watch(shared, monitor, on_degraded)
                 nursery.start_soon(_direction, shared, _pump_streams, b, a, False, buffer_size)

@@ -300,14 +300,22 @@ class Dispatcher:
                     verdict = attempts[0].label
                 if trusted:
                     self._record(decision, target, flight.sni, attempts, winner.strategy)
-                monitor = self._monitor(decision, flight, winner)
+                made: list[LinkMonitor] = []
+
+                def make_monitor() -> LinkMonitor | None:
+                    # only when there is a flow to watch (see relay())
+                    monitor = self._monitor(decision, flight, winner)
+                    if monitor is not None:
+                        made.append(monitor)
+                    return monitor
+
                 up, down, outcome = await self._pump(
                     request,
                     winner.stream,
                     flight.data,
                     winner.response,
                     sent=True,
-                    monitor=monitor,
+                    monitor=make_monitor,
                     on_degraded=degraded,
                 )
             finally:
@@ -316,8 +324,8 @@ class Dispatcher:
                 verdict = found[0].value
                 if found[0] is Degradation.FROZEN:
                     outcome = f"frozen after {down} bytes: cut, next connections use another way"
-            elif monitor is not None:
-                self._learn_rate(monitor, down - len(winner.response))
+            elif made:
+                self._learn_rate(made[0], down - len(winner.response))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = f"client gone: {exc.__class__.__name__}"
         except ProxyError as exc:
@@ -545,7 +553,7 @@ class Dispatcher:
         first_response: bytes,
         *,
         sent: bool,
-        monitor: LinkMonitor | None = None,
+        monitor: LinkMonitor | Callable[[], LinkMonitor | None] | None = None,
         on_degraded: Callable[[Degradation], bool] | None = None,
     ) -> tuple[int, int, str]:
         """Finish the exchange of the first bytes, then relay; (bytes up, bytes down, outcome).

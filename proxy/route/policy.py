@@ -262,7 +262,11 @@ async def _fallback(
     if reframable(first_flight):
         pending = _usable_ahead(list(strategies), first_flight)
     else:  # no fragment variant has anything to re-frame here: one pass drops them all
-        pending = [s for s in strategies if not _is_fragment(s)]
+        pending = [
+            s
+            for s in strategies
+            if not isinstance(s.strategy if isinstance(s, EarlyDial) else s, FragmentStrategy)
+        ]
     if not pending:
         raise AllFailed(f"policy {policy.name!r} has no usable strategy", [], None)
     while pending:
@@ -460,12 +464,6 @@ def _usable_ahead(pending: list[Strategy], first_flight: bytes) -> list[Strategy
                 continue
         return pending[skip:] if skip else pending
     return []
-
-
-def _is_fragment(strategy: Strategy) -> bool:
-    if isinstance(strategy, EarlyDial):
-        strategy = strategy.strategy
-    return isinstance(strategy, FragmentStrategy)
 
 
 def applies(strategy: Strategy, first_flight: bytes) -> bool:
