@@ -500,3 +500,33 @@ async def test_an_idle_relay_keeps_no_exception_alive_while_it_waits() -> None:
             assert kept == []
             await x.send_eof()
             await y.send_eof()
+
+
+async def test_relay_makes_its_monitor_only_when_the_server_still_sends() -> None:
+    from proxy.net.monitor import LinkMonitor, MonitorSettings
+
+    made: list[LinkMonitor] = []
+
+    def make() -> LinkMonitor:
+        made.append(LinkMonitor(MonitorSettings(), trio.current_time()))
+        return made[-1]
+
+    async with relayed_tcp() as (x, a, b, y):  # the server answered and closed: nothing to watch
+        await y.send_eof()
+        await _until_fin_arrived(b)
+        await x.send_eof()
+        await relay(a, b, idle_timeout=30.0, monitor=make)
+    assert made == []
+    async with relayed_tcp() as (x, a, b, y):  # the server is still there
+        out: list[RelayStats] = []
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                out.append(await relay(a, b, idle_timeout=30.0, monitor=make))
+
+            nursery.start_soon(run)
+            await y.send_all(b"data")
+            assert await x.receive_some(10) == b"data"
+            await x.send_eof()
+            await y.send_eof()
+    assert len(made) == 1 and out[0].b_to_a == 4
