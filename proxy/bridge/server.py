@@ -94,6 +94,8 @@ log = logging.getLogger("sidestep.bridge")
 HANDSHAKE_TIMEOUT = 30.0
 #: a relayed stream with no traffic either way for this long is closed
 IDLE_TIMEOUT = 600.0
+#: a carrier that brought nothing for this long is given up (clients ping every 30 s)
+CLIENT_SILENCE = 90.0
 #: client addresses the rate limiter remembers
 RATE_TABLE_SIZE = 65536
 
@@ -228,6 +230,8 @@ class BridgeServer:
             tor_host, _, tor_port = config.destinations.tor.rpartition(":")
             self.tor = tor_strategy("tor", (tor_host.strip("[]"), int(tor_port)))
         self.sessions_opened = 0
+        #: seconds of silence after which a client's carrier is given up (see CLIENT_SILENCE)
+        self.client_silence = CLIENT_SILENCE
         self.sessions_resumed = 0
         #: open sessions by their resume id (kept through carrier breaks for resume_window)
         self.sessions: dict[bytes, BridgeSession] = {}
@@ -333,6 +337,7 @@ class BridgeServer:
         ticket = ResumeTicket.from_keys(conn.keys, Role.SERVER)
         ledger = SessionLedger(conn, sent=records, received=conn.handshake_trailing)
         session = BridgeSession(conn, carrier, ledger=ledger, ticket=ticket)
+        session.silence_limit = self.client_silence
         self.sessions[ticket.session_id] = session
         log.info("bridge: session from %s opened", client)
         try:

@@ -310,6 +310,11 @@ class BridgeSession:
         self.carrier_received = 0
         #: ask for a new carrier once the current one carried this many bytes either way (0: no)
         self.rotate_at = 0
+        #: (server) a carrier that brought nothing for this many seconds is given up: a live
+        #: client sends at least a keepalive PING every 30 s, one that vanished without a word
+        #: (a cut network, a sleeping laptop) would otherwise hold its session until TCP
+        #: gives up, which on an idle connection is never
+        self.silence_limit = math.inf
         #: ``trio.current_time()`` when carrier bytes, and stream data, last arrived
         self.last_received = -math.inf
         self.last_data = -math.inf
@@ -426,11 +431,25 @@ class BridgeSession:
             with scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_then_stop, carrier, nursery.cancel_scope)
+                    if self.silence_limit < math.inf:
+                        nursery.start_soon(self._hear_or_give_up, nursery.cancel_scope)
                     await self._read(carrier)
                     nursery.cancel_scope.cancel()
         finally:
             self._carry_scope = None
             done.set()
+
+    async def _hear_or_give_up(self, scope: trio.CancelScope) -> None:
+        """Give the carrier up (detach) once it brought nothing for :attr:`silence_limit`."""
+        limit = self.silence_limit
+        since = trio.current_time()
+        while True:
+            quiet = trio.current_time() - max(since, self.last_received)
+            if quiet >= limit:
+                self.carrier_error = f"nothing heard from the client for {limit:g} s"
+                scope.cancel()
+                return
+            await trio.sleep(limit - quiet)
 
     async def _write_then_stop(self, carrier: trio.abc.Stream, scope: trio.CancelScope) -> None:
         await self._write(carrier)

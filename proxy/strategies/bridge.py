@@ -14,7 +14,8 @@ the next, resumes on it and drops the old. With ``rotate_after = "auto"`` the am
 experience: a carrier that stalled after N bytes teaches "N on this network" (kept in the
 learned memory when the router has one) and from then on carriers are rotated at 3/4 of N. Idle
 sessions send a PING every ``keepalive`` seconds, which keeps NAT mappings alive and notices a
-dead carrier.
+dead carrier; the bridge, in turn, gives up a carrier it has heard nothing from for three
+keepalives (``CLIENT_SILENCE`` in :mod:`proxy.bridge.server`).
 
 When no resume works (the bridge forgot the session, or is gone), the session is lost: its
 streams break and the next connection opens a new one; a connection that cannot get a session

@@ -36,6 +36,8 @@ class Forwarder:
         self.passed = 0  # bytes forwarded, both ways, all connections
         self.connections = 0
         self.cuts = 0
+        #: a black hole: nothing passes any more and new connections hang (a vanished peer)
+        self.frozen = False
         self._scopes: list[trio.CancelScope] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -47,6 +49,8 @@ class Forwarder:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
+        if self.frozen:
+            await trio.sleep_forever()
         try:
             upstream = await trio.open_tcp_stream(*self.target)
         except OSError:
@@ -68,6 +72,8 @@ class Forwarder:
     async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
         try:
             while data := await source.receive_some(65536):
+                if self.frozen:
+                    await trio.sleep_forever()
                 await sink.send_all(data)
                 self.passed += len(data)
             await sink.send_eof()
@@ -231,6 +237,22 @@ async def test_closing_the_client_says_bye_and_the_bridge_drops_the_session_at_o
         with trio.fail_after(5):
             while server.sessions:
                 await trio.sleep(0.01)
+
+
+async def test_the_bridge_gives_up_a_client_that_vanished_without_a_word() -> None:
+    async with bridge_behind_forwarder(resume_window=1) as (server, strategy, forwarder, port):
+        server.client_silence = 0.5
+        strategy.keepalive = 0.1  # a live client is heard often enough
+        assert await echo_through(strategy, port, b"x") == b"x"
+        await trio.sleep(1.5)  # three silence limits: the pings keep the session
+        assert len(server.sessions) == 1
+        forwarder.frozen = True  # the client's network is gone: no FIN, no RST, nothing
+        start = trio.current_time()
+        with trio.fail_after(10):
+            while server.sessions:
+                await trio.sleep(0.02)
+        # given up after the silence limit, then dropped after the resume window
+        assert 1.2 <= trio.current_time() - start < 5
 
 
 async def test_a_replayed_resume_hello_gets_silence() -> None:
