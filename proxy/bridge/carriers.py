@@ -49,12 +49,22 @@ USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101
 FRONTING_REFUSED = (403, 421)
 
 
-class FrontingRefused(RemoteProtocolError):
-    """The CDN refused a request whose Host differs from the TLS name (domain fronting)."""
+#: what a web server answers for a path it passes to a backend that is not there (502 Bad
+#: Gateway: refused or closed; 503: none available): the bridge behind it is down
+BACKEND_DOWN = (502, 503)
+
+
+class CarrierAnswered(RemoteProtocolError):
+    """The web server in front of the bridge (or a CDN) answered a carrier's request with an
+    HTTP status other than the expected one (``status``)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message, reply_code=status)
         self.status = status
+
+
+class FrontingRefused(CarrierAnswered):
+    """The CDN refused a request whose Host differs from the TLS name (domain fronting)."""
 
 
 def check_status(status: int, what: str) -> None:
@@ -62,7 +72,7 @@ def check_status(status: int, what: str) -> None:
     if status in FRONTING_REFUSED:
         raise FrontingRefused(f"{what} was refused with {status}: CDN refuses fronting", status)
     if status != 200:
-        raise RemoteProtocolError(f"{what} was answered with {status}")
+        raise CarrierAnswered(f"{what} was answered with {status}", status)
 
 
 NOT_FOUND_BODY = (
@@ -330,5 +340,7 @@ async def open_websocket(stream: trio.abc.Stream, host: str, path: str) -> WebSo
             return WebSocketStream(stream, client_side=True, trailing=bytes(trailing))
         if isinstance(event, h11.Response | h11.InformationalResponse):
             check_status(event.status_code, "the WebSocket upgrade")
-            raise RemoteProtocolError(f"the bridge's web server answered {event.status_code}")
+            raise CarrierAnswered(
+                f"the bridge's web server answered {event.status_code}", event.status_code
+            )
         raise RemoteProtocolError("the bridge's web server closed the connection")

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import trio
 
-from proxy.bridge.carriers import open_websocket
+from proxy.bridge.carriers import BACKEND_DOWN, CarrierAnswered, open_websocket
 from proxy.bridge.identity import BridgeURI
 from proxy.bridge.session import CARRIER_ERRORS, BridgeSession, Reattached
 from proxy.errors import ConnectRefused, RemoteProtocolError, UpstreamError
@@ -381,6 +381,11 @@ class BridgeStrategy:
         try:
             with trio.fail_after(self.handshake_timeout):
                 return await self._open_web(tcp)
+        except CarrierAnswered as exc:
+            await trio.aclose_forcefully(tcp)
+            if exc.status in BACKEND_DOWN:  # the web server is up, the bridge behind it not
+                raise BridgeDown(f"{self.via}: the bridge is down: {exc}") from exc
+            raise UpstreamError(f"{self.via}: cannot open the carrier: {exc}") from exc
         except (RemoteProtocolError, ssl.SSLError, trio.TooSlowError, *CARRIER_ERRORS) as exc:
             await trio.aclose_forcefully(tcp)
             why = str(exc) or "timed out"

@@ -91,7 +91,8 @@ async def probe_web(
 @asynccontextmanager
 async def ws_bridge_behind_nginx(
     lab: Lab, ca: LabCA
-) -> AsyncIterator[tuple[BridgeServer, BridgeURI]]:
+) -> AsyncIterator[tuple[BridgeServer, BridgeURI, trio.CancelScope]]:
+    """A ws bridge behind nginx; cancelling the yielded scope kills the bridge (nginx stays)."""
     slot = lab.bridge_slots[0]
     backend = ("127.0.0.1", free_port())
     config = parse_bridge_config(
@@ -115,7 +116,7 @@ async def ws_bridge_behind_nginx(
     with nginx_in_front(lab.workdir / "nginx", ca, slot.name, slot.direct, backend, SECRET):
         await wait_listening(slot.direct)
         try:
-            yield server, uri
+            yield server, uri, cancel
         finally:
             cancel.cancel()
 
@@ -125,7 +126,7 @@ async def ws_bridge_behind_nginx(
 async def test_ws_bridge_behind_real_nginx_carries_blocked_sites_with_curl(ca: LabCA) -> None:
     async with open_lab("cn", ca=ca) as lab:
         (lab.workdir / "nginx").mkdir()
-        async with ws_bridge_behind_nginx(lab, ca) as (server, uri):
+        async with ws_bridge_behind_nginx(lab, ca) as (server, uri, _):
             text = (
                 f'[[strategy]]\nname = "ws-bridge"\ntype = "bridge"\nuri = "{uri}"\n'
                 f'cafile = "{lab.ca_file}"\n'
@@ -141,12 +142,33 @@ async def test_ws_bridge_behind_real_nginx_carries_blocked_sites_with_curl(ca: L
 
 
 @requires_nginx
+async def test_a_dead_bridge_behind_its_nginx_is_known_down_and_not_retried(ca: LabCA) -> None:
+    async with open_lab("cn", ca=ca) as lab:
+        (lab.workdir / "nginx").mkdir()
+        async with ws_bridge_behind_nginx(lab, ca) as (_, uri, kill):
+            strategy = BridgeStrategy("ws-bridge", uri, cafile=str(lab.ca_file))
+            try:
+                session = await strategy.session()
+                kill.cancel()  # nginx stays up and answers 502 for the bridge's path
+                start = trio.current_time()
+                with trio.fail_after(10):
+                    while not session.dead:
+                        await trio.sleep(0.02)
+                # the first 502 ends the resume attempts: no back-off over 3.75 s
+                assert trio.current_time() - start < 2.0
+                assert "the bridge is down" in (session.error or ""), session.error
+                assert "502" in (session.error or "")
+            finally:
+                await strategy.aclose()
+
+
+@requires_nginx
 async def test_ws_bridge_secret_path_answers_plain_requests_like_any_wrong_path(
     ca: LabCA,
 ) -> None:
     async with open_lab("none", ca=ca) as lab:
         (lab.workdir / "nginx").mkdir()
-        async with ws_bridge_behind_nginx(lab, ca) as (server, _):
+        async with ws_bridge_behind_nginx(lab, ca) as (server, _, _):
             tls = ssl.create_default_context(cafile=str(lab.ca_file))
             slot = lab.bridge_slots[0]
             wrong = await probe_web(slot.public, slot.name, tls, "GET /no-such-page HTTP/1.1")
