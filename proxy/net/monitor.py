@@ -21,12 +21,19 @@ one of them is happening; it is pure (time comes in as arguments) so tests drive
 The relay (:func:`proxy.net.relay.relay`) keeps the counters live on its copy and splice paths
 alike (one addition per read) and feeds the record tracker only while it copies in user space;
 once a direction splices, more than 64 KiB have passed and the freeze window is behind it.
+One task per trio run, :class:`MonitorTicker`, shows every relay's monitor its counters on time.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
+import math
 from dataclasses import dataclass
+from typing import Protocol
+
+import trio
 
 #: the TLS record header: type, version (2 bytes), length (2 bytes)
 _HEADER = 5
@@ -224,3 +231,85 @@ class LinkMonitor:
         if self.found is not None or self._busy_bytes < self.settings.baseline_min_bytes:
             return None
         return self._busy_bytes / max(self._busy_time, self.settings.interval)
+
+
+class Watched(Protocol):
+    """What :class:`MonitorTicker` ticks: a relay's view of its monitor."""
+
+    #: the relay ended, or the monitor already found something: no more ticks
+    over: bool
+    monitor: LinkMonitor
+
+    def tick(self, now: float) -> bool:
+        """Show the monitor the counters; False: stop watching."""
+        ...
+
+
+class MonitorTicker:
+    """The task that shows every monitored relay's counters to its monitor on time
+    (:func:`monitor_ticker`).
+
+    One per trio run (a system task, started by the first monitored relay): each relay's due
+    time sits in a heap, and the task sleeps until the earliest. A task and a sleeping timer per
+    connection would cost each one a spawn, a cancel scope and a cancellation at its end.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Watched]] = []
+        self._order = itertools.count()
+        self._sleep: trio.CancelScope | None = None
+        #: watches not over yet; when none is left the heap is emptied and the task sleeps
+        self._live = 0
+
+    def add(self, watch: Watched) -> None:
+        """Tick ``watch`` every ``monitor.settings.interval`` seconds until it is over."""
+        due = trio.current_time() + watch.monitor.settings.interval
+        heapq.heappush(self._due, (due, next(self._order), watch))
+        self._live += 1
+        if self._sleep is None:
+            self._sleep = trio.CancelScope(deadline=due)
+            trio.lowlevel.spawn_system_task(self._run, name="sidestep relay monitors")
+        elif due < self._sleep.deadline:
+            self._sleep.deadline = due
+
+    def drop(self, watch: Watched) -> None:
+        """No more ticks for ``watch`` (its relay ended, or its monitor found something)."""
+        if watch.over:
+            return
+        watch.over = True
+        self._live -= 1
+        if self._live == 0:
+            # nothing left to watch: forget the finished ones (the task still wakes up once at
+            # the deadline already set, finds nothing due and sleeps until the next watch)
+            self._due.clear()
+
+    async def _run(self) -> None:
+        while True:
+            assert self._sleep is not None
+            with self._sleep:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            due = self._due
+            while due and (due[0][2].over or due[0][0] <= now):
+                _, _, watch = heapq.heappop(due)
+                if watch.over:
+                    continue
+                if watch.tick(now):
+                    interval = watch.monitor.settings.interval
+                    heapq.heappush(due, (now + interval, next(self._order), watch))
+                else:
+                    self.drop(watch)
+            self._sleep = trio.CancelScope(deadline=due[0][0] if due else math.inf)
+
+
+_TICKER: trio.lowlevel.RunVar[MonitorTicker] = trio.lowlevel.RunVar("sidestep_relay_ticker")
+
+
+def monitor_ticker() -> MonitorTicker:
+    """The current trio run's ticker (its task starts with the first watch)."""
+    try:
+        return _TICKER.get()
+    except LookupError:
+        ticker = MonitorTicker()
+        _TICKER.set(ticker)
+        return ticker

@@ -4,7 +4,7 @@
 connection costs one extra task; between TCP sockets, a direction that is over when the relay
 starts (the server answered and closed) is finished first and the other then copied in the
 calling task, without the extra one. Monitors are shown their counters by one task shared by every
-relay of the run (:class:`_Ticker`), not a task and a timer per connection. Its rules:
+relay of the run (:class:`~proxy.net.monitor.MonitorTicker`), not a task and a timer per connection. Its rules:
 
 * **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
   the opposite direction keeps flowing until it ends too. A stream that cannot half-close is left
@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import heapq
-import itertools
-import math
 import os
 import socket
 import struct
@@ -47,7 +44,13 @@ from typing import cast
 import trio
 
 from proxy.net.alarm import Alarm, clocks
-from proxy.net.monitor import Degradation, LinkMonitor, RecordTracker
+from proxy.net.monitor import (
+    Degradation,
+    LinkMonitor,
+    MonitorTicker,
+    RecordTracker,
+    monitor_ticker,
+)
 from proxy.net.stream import FastStream, TcpStream
 
 _CAN_SPLICE = sys.platform == "linux" and hasattr(os, "splice")
@@ -244,7 +247,7 @@ async def relay(
         raise ValueError("buffer_size must be positive")
     stats = RelayStats()
     watch: _Watch | None = None
-    ticker: _Ticker | None = None
+    ticker: MonitorTicker | None = None
     if _is_tcp_socket(a) and _is_tcp_socket(b):
         sa, sb = cast(TcpStream, a), cast(TcpStream, b)
         alarm = clocks().alarm(sa.socket, sb.socket)
@@ -287,10 +290,10 @@ async def relay(
 
 def _watch(
     shared: _Shared, monitor: LinkMonitor, on_degraded: Callable[[Degradation], bool] | None
-) -> tuple[_Watch, _Ticker]:
+) -> tuple[_Watch, MonitorTicker]:
     shared.tap = monitor.records
     watch = _Watch(shared, monitor, on_degraded)
-    ticker = _ticker()
+    ticker = monitor_ticker()
     ticker.add(watch)
     return watch, ticker
 
@@ -349,7 +352,7 @@ async def _direction(shared: _Shared, pump: Callable[..., Awaitable[None]], *arg
 
 
 class _Watch:
-    """One monitored relay, as :class:`_Ticker` keeps it."""
+    """One monitored relay, as :class:`~proxy.net.monitor.MonitorTicker` keeps it."""
 
     __slots__ = ("monitor", "on_degraded", "over", "shared")
 
@@ -386,74 +389,6 @@ class _Watch:
             shared.error = exc
             shared.halt()
         return False
-
-
-class _Ticker:
-    """The task that shows every monitored relay's counters to its monitor on time.
-
-    One per trio run (a system task, started by the first monitored relay): each relay's due
-    time sits in a heap, and the task sleeps until the earliest. A task and a sleeping timer per
-    connection would cost each one a spawn, a cancel scope and a cancellation at its end.
-    """
-
-    def __init__(self) -> None:
-        self._due: list[tuple[float, int, _Watch]] = []
-        self._order = itertools.count()
-        self._sleep: trio.CancelScope | None = None
-        #: watches not over yet; when none is left the heap is emptied and the task sleeps
-        self._live = 0
-
-    def add(self, watch: _Watch) -> None:
-        """Tick ``watch`` every ``monitor.settings.interval`` seconds until it is over."""
-        due = trio.current_time() + watch.monitor.settings.interval
-        heapq.heappush(self._due, (due, next(self._order), watch))
-        self._live += 1
-        if self._sleep is None:
-            self._sleep = trio.CancelScope(deadline=due)
-            trio.lowlevel.spawn_system_task(self._run, name="sidestep relay monitors")
-        elif due < self._sleep.deadline:
-            self._sleep.deadline = due
-
-    def drop(self, watch: _Watch) -> None:
-        """No more ticks for ``watch`` (its relay ended, or its monitor found something)."""
-        if watch.over:
-            return
-        watch.over = True
-        self._live -= 1
-        if self._live == 0:
-            # nothing left to watch: forget the finished ones (the task still wakes up once at
-            # the deadline already set, finds nothing due and sleeps until the next watch)
-            self._due.clear()
-
-    async def _run(self) -> None:
-        while True:
-            assert self._sleep is not None
-            with self._sleep:
-                await trio.sleep_forever()
-            now = trio.current_time()
-            due = self._due
-            while due and (due[0][2].over or due[0][0] <= now):
-                _, _, watch = heapq.heappop(due)
-                if watch.over:
-                    continue
-                if watch.tick(now):
-                    interval = watch.monitor.settings.interval
-                    heapq.heappush(due, (now + interval, next(self._order), watch))
-                else:
-                    self.drop(watch)
-            self._sleep = trio.CancelScope(deadline=due[0][0] if due else math.inf)
-
-
-_TICKER: trio.lowlevel.RunVar[_Ticker] = trio.lowlevel.RunVar("sidestep_relay_ticker")
-
-
-def _ticker() -> _Ticker:
-    try:
-        return _TICKER.get()
-    except LookupError:
-        ticker = _Ticker()
-        _TICKER.set(ticker)
-        return ticker
 
 
 def _is_tcp_socket(stream: trio.abc.Stream) -> bool:
