@@ -12,49 +12,18 @@ For every tunnel an inbound produces:
 The router issue turns step 2 into a choice among strategies with replay of the first flight;
 the shape of this module (resolve, attempt, reply, relay, one log line) stays.
 
-Verdicts (:mod:`proxy.detect.verdict`). Before anything is learned, every failed attempt is
-classified with a control that tells censorship from an outage:
-
-* when another strategy got a first response, the site is up and the failures were done to the
-  paths (sni-reset, sni-timeout, ip-blocked, blockpage). The winner's first response is always
-  awaited before this, also for the last strategy of a policy (which is not cut off for being
-  slow): a strategy is only stored as working for a site once the site answered through it;
-* when every strategy failed, the same address is sent a ClientHello for an innocuous name
-  (:func:`~proxy.detect.verdict.neutral_hello`; a plain TCP connect and a neutral request for
-  plain HTTP): if it answers, the server is up and the name is blocked, otherwise the failures
-  are ``site-down``, which the memory never learns;
-* with :attr:`Dispatcher.dns_control` (a resolver the local network cannot tamper with), a failure
-  whose addresses share nothing with that resolver's view is ``dns-tampering``.
-
-A plain-HTTP answer that looks like a block page only counts as one when the strategy that
-got through answered differently; when it answered the same, nothing about the connection is
-learned (an ordinary cross-site redirect must not pin a trick on the site).
-
-While the winner is relayed, a :class:`~proxy.net.monitor.LinkMonitor` watches its counters
-(policies with more than one strategy only): a freeze is recorded as a failure of that strategy
-for the site at once, so the browser's next connections already take the next strategy, and
-the frozen connection itself is cut with a reset both ways, which makes the client retry now
-instead of hanging until its own timeout. Throttling is recorded the same way, but the
-connection goes on (slow data is still data). Transfers that were not degraded teach the
-per-network, per-strategy throughput baseline that throttling is judged against.
-
-What the attempts taught is recorded once judged. When control sites are configured, the failed
-strategies are also checked against a control (:meth:`Router.settle`); that runs in ``probes``,
-a nursery the app owns, so the client's connection never waits for it, and shutdown cancels
-whatever is still probing. The verdict goes into the evidence log and into the connection's log
-line (``verdict=``).
+What the attempts teach (verdicts, the learned memory, evidence, the link monitor of the
+winner and the throughput baselines) is :mod:`proxy.route.lessons`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from proxy.detect.evidence import EvidenceEvent
 from proxy.detect.outcome import Outcome
 from proxy.detect.verdict import Verdict
 from proxy.errors import ProxyError, ResolveError, UpstreamError
@@ -66,12 +35,12 @@ from proxy.inbound.base import (
     Target,
 )
 from proxy.net.dial import open_tcp
-from proxy.net.monitor import Baseline, Degradation, LinkMonitor, RecordTracker
+from proxy.net.monitor import Baseline, Degradation, LinkMonitor
 from proxy.net.relay import relay
 from proxy.net.stream import FastStream, TcpStream, limited
 from proxy.resolve.base import Resolver
-from proxy.route.control import judge_attempts, probe_address
 from proxy.route.firstflight import NO_FLIGHT, FirstFlight, read_first_flight
+from proxy.route.lessons import Lessons
 from proxy.route.policy import (
     FIRST_RESPONSE_READ,
     AllFailed,
@@ -121,23 +90,46 @@ class Dispatcher:
         self.resolver = resolver
         #: rules, policies, memory; None means every connection goes direct
         self.router = router
-        #: where control probes run in the background; None: failures are recorded unchecked
-        self.probes = probes
+        #: judging and recording what the attempts taught (control probes, memory, baselines)
+        self.lessons = Lessons(self.resolve)
+        self.lessons.probes = probes
         #: tunnels currently open (for drain on shutdown and for status)
         self.active = 0
-        #: connections whose record waits for a control probe
-        self.settling = 0
-        #: a resolver the local network cannot tamper with (DoH/DoT), asked for its view of a
-        #: name when attempts failed; None: no dns-tampering verdicts
-        self.dns_control: Resolver | None = None
-        #: throughput of undegraded bulk transfers, per (network, strategy)
-        self.baselines: dict[tuple[str, str], Baseline] = {}
         #: resolvers a rule may choose instead of ``resolver`` ("secure", "system")
         self.resolvers: dict[str, Resolver] = {}
         #: open tunnels and totals for the status page (the app shares one across reloads)
         self.status = ConnectionRegistry()
         #: per policy name: does every strategy of it dial the target itself
         self._all_dial: dict[str, bool] = {}
+
+    @property
+    def probes(self) -> trio.Nursery | None:
+        """Where control probes run in the background (None: failures recorded unchecked)."""
+        return self.lessons.probes
+
+    @probes.setter
+    def probes(self, nursery: trio.Nursery | None) -> None:
+        self.lessons.probes = nursery
+
+    @property
+    def dns_control(self) -> Resolver | None:
+        """A resolver the local network cannot tamper with (DoH/DoT), asked for its view of a
+        name when attempts failed; None: no dns-tampering verdicts."""
+        return self.lessons.dns_control
+
+    @dns_control.setter
+    def dns_control(self, resolver: Resolver | None) -> None:
+        self.lessons.dns_control = resolver
+
+    @property
+    def settling(self) -> int:
+        """Connections whose record waits for a control probe."""
+        return self.lessons.settling
+
+    @property
+    def baselines(self) -> dict[tuple[str, str], Baseline]:
+        """Throughput of undegraded bulk transfers, per (network, strategy)."""
+        return self.lessons.baselines
 
     def _dials_in_background(self, decision: Decision) -> bool:
         """Whether the early connection runs beside the reply and the first flight: the
@@ -211,7 +203,9 @@ class Dispatcher:
         connection is open, so a refused or unreachable address gets the protocol's own error
         (and ``nursery`` is None: nothing runs in the background).
         """
-        assert self.router is not None
+        router = self.router
+        assert router is not None
+        lessons = self.lessons
         start = trio.current_time()
         self.active += 1
         live = self._register(request, decision.policy.name, start)
@@ -270,17 +264,19 @@ class Dispatcher:
                     resolve,
                     flight.data,
                     tls=flight.hello is not None,
-                    direct=self.router.strategies["direct"],
-                    address_answers=self._address_check(target, resolve, flight),
+                    direct=router.strategies["direct"],
+                    address_answers=lessons.address_check(router, target, resolve, flight),
                 )
                 if flight.data and not winner.response:
                     await self._await_answer(winner)
             except AllFailed as exc:
-                attempts, _ = await self._judge(target, flight, exc.attempts, None, resolve)
+                attempts, _ = await lessons.judge(
+                    router, target, flight, exc.attempts, None, resolve
+                )
                 tried = _tried(attempts)
                 verdict = attempts[0].label if attempts else "-"
                 outcome = f"all-failed: {_all_failed(decision, attempts)}"
-                self._record(decision, target, flight.sni, attempts, None)
+                lessons.record(router, decision, target, flight.sni, attempts, None)
                 return
             strategy = live.strategy = winner.strategy
             live.down = len(winner.response)
@@ -288,23 +284,23 @@ class Dispatcher:
 
             def degraded(what: Degradation) -> bool:
                 found.append(what)
-                self._record_degraded(decision, target, flight.sni, winner.strategy, what)
+                lessons.record_degraded(router, decision, target, flight.sni, winner.strategy, what)
                 return what is Degradation.FROZEN
 
             try:
-                attempts, trusted = await self._judge(
-                    target, flight, winner.attempts, winner.response, resolve
+                attempts, trusted = await lessons.judge(
+                    router, target, flight, winner.attempts, winner.response, resolve
                 )
                 tried = _tried(attempts)
                 if attempts:
                     verdict = attempts[0].label
                 if trusted:
-                    self._record(decision, target, flight.sni, attempts, winner.strategy)
+                    lessons.record(router, decision, target, flight.sni, attempts, winner.strategy)
                 made: list[LinkMonitor] = []
 
                 def make_monitor() -> LinkMonitor | None:
                     # only when there is a flow to watch (see relay())
-                    monitor = self._monitor(decision, flight, winner)
+                    monitor = lessons.monitor(router, decision, flight, winner)
                     if monitor is not None:
                         made.append(monitor)
                     return monitor
@@ -325,7 +321,7 @@ class Dispatcher:
                 if found[0] is Degradation.FROZEN:
                     outcome = f"frozen after {down} bytes: cut, next connections use another way"
             elif made:
-                self._learn_rate(made[0], down - len(winner.response))
+                lessons.learn_rate(made[0], down - len(winner.response))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             outcome = f"client gone: {exc.__class__.__name__}"
         except ProxyError as exc:
@@ -350,24 +346,6 @@ class Dispatcher:
                 policy=decision.policy.name,
                 verdict=verdict,
             )
-
-    def _address_check(
-        self, target: Target, resolve: Resolve, flight: FirstFlight
-    ) -> Callable[[], Awaitable[bool]]:
-        """The neutral-name control of the target's first address, for :func:`run_policy`."""
-        router = self.router
-        assert router is not None
-        timeout = router.control_timeout
-
-        async def answers() -> bool:
-            try:
-                addresses = await resolve()
-            except ResolveError:
-                return False
-            tls = flight.hello is not None
-            return await probe_address(addresses[0], target.port, tls=tls, timeout=timeout)
-
-        return answers
 
     async def _await_answer(self, winner: Winner) -> None:
         """Wait for the first answer of a winner that was not judged (the last strategy of a
@@ -399,141 +377,6 @@ class Dispatcher:
         record = AttemptRecord(winner.strategy, outcome, trio.current_time() - start, detail)
         attempts = [*winner.attempts, record]
         raise AllFailed(_tried(attempts), attempts, None)
-
-    async def _judge(
-        self,
-        target: Target,
-        flight: FirstFlight,
-        attempts: Sequence[AttemptRecord],
-        response: bytes | None,
-        resolve: Resolve,
-    ) -> tuple[list[AttemptRecord], bool]:
-        """Verdicts for the failed attempts (:func:`~proxy.route.control.judge_attempts`)."""
-        router = self.router
-        assert router is not None
-
-        def remote_dns(name: str) -> bool:
-            strategy = router.strategies.get(name)
-            return strategy is not None and strategy.remote_dns
-
-        return await judge_attempts(
-            attempts,
-            target=target,
-            tls=flight.hello is not None,
-            response=response,
-            resolve=resolve,
-            remote_dns=remote_dns,
-            dns_control=self.dns_control,
-            timeout=router.control_timeout,
-        )
-
-    def _monitor(
-        self, decision: Decision, flight: FirstFlight, winner: Winner
-    ) -> LinkMonitor | None:
-        """A monitor for the winner's relay, when there is another strategy to switch to."""
-        router = self.router
-        assert router is not None
-        settings = router.monitor
-        if len(decision.strategies) < 2 or not settings.enabled:
-            return None
-        records: RecordTracker | None = None
-        if flight.hello is not None:
-            records = RecordTracker()
-            records.feed(winner.response)
-        # the fragment variants travel the plain path once the hello is through: they share
-        # its baseline (what they reach is not slower for being re-framed)
-        strategy = next((s for s in decision.strategies if s.name == winner.strategy), None)
-        path = "direct" if strategy is not None and dials_target(strategy) else winner.strategy
-        baseline = self.baselines.setdefault((router.network, path), Baseline())
-        return LinkMonitor(
-            settings,
-            trio.current_time(),
-            baseline=baseline,
-            records=records,
-            down_before=len(winner.response),
-        )
-
-    def _learn_rate(self, monitor: LinkMonitor, relayed: int) -> None:
-        """An undegraded transfer ended: let the baseline learn its rate (if it was bulk)."""
-        rate = monitor.finish(relayed, trio.current_time())
-        if rate is not None and monitor.baseline is not None:
-            monitor.baseline.learn(rate)
-
-    def _record_degraded(
-        self,
-        decision: Decision,
-        target: Target,
-        sni: str | None,
-        strategy: str,
-        found: Degradation,
-    ) -> None:
-        """A relayed connection degraded: the next connections to the site try another way."""
-        router = self.router
-        assert router is not None
-        verdict = Verdict(found.value)
-        log.warning(
-            "%s through %s is %s: the next connections to %s try the next strategy",
-            target,
-            strategy,
-            verdict.value,
-            decision.site,
-        )
-        if router.memory is not None and router.learn:
-            for name in _sharing_the_fate(decision, strategy, found):
-                router.memory.record_failure(router.network, decision.site, name, verdict.value)
-        if router.evidence is not None:
-            router.evidence.write(
-                EvidenceEvent(
-                    time=time.time(),
-                    network=router.network,
-                    site=decision.site,
-                    host=target.host,
-                    outcome=verdict.value,
-                    sni=sni,
-                    strategy=strategy,
-                )
-            )
-
-    def _record(
-        self,
-        decision: Decision,
-        target: Target,
-        sni: str | None,
-        attempts: Sequence[AttemptRecord],
-        worked: str | None,
-    ) -> None:
-        """Record now, or after a background control check when there is one to make.
-
-        Nothing is recorded when the policy's own first choice got through at once: it teaches
-        nothing the configured order does not already say, and the memory (a file on disk)
-        must not become a list of every site the user visits.
-        """
-        router = self.router
-        assert router is not None
-        first = decision.policy.strategies[0]
-        if not attempts and worked == first and decision.strategies[0].name == first:
-            return
-        if self.probes is None or not router.to_check(attempts, worked):
-            router.record(decision, target, sni, attempts, worked)
-            return
-        self.settling += 1
-        self.probes.start_soon(self._settle, router, decision, target, sni, attempts, worked)
-
-    async def _settle(
-        self,
-        router: Router,
-        decision: Decision,
-        target: Target,
-        sni: str | None,
-        attempts: Sequence[AttemptRecord],
-        worked: str | None,
-    ) -> None:
-        try:
-            await router.settle(decision, target, sni, attempts, worked, self.resolve)
-        except Exception as exc:  # a background task: never take the app down with it
-            log.warning("recording the attempts for %s failed: %r", target, exc)
-        finally:
-            self.settling -= 1
 
     async def _first_flight(self, request: Request) -> FirstFlight:
         s = self.settings
@@ -716,22 +559,6 @@ async def _quietly(aw: object) -> None:
         await aw  # type: ignore[misc]
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
-
-
-def _sharing_the_fate(decision: Decision, strategy: str, found: Degradation) -> list[str]:
-    """The strategies a degradation of ``strategy`` is learned for.
-
-    A freeze is done to the flow by destination (foreign hosting), not by name: when it hits a
-    strategy that dials the target itself, every other such strategy of the policy (the
-    ``fragment`` variants only re-frame the hello) would freeze the same way, so the next
-    connection skips them all and goes to a way that changes the path. Throttling is done by
-    name, which a trick may hide: it is learned for ``strategy`` alone.
-    """
-    names = [strategy]
-    winner = next((s for s in decision.strategies if s.name == strategy), None)
-    if found is Degradation.FROZEN and winner is not None and dials_target(winner):
-        names += [s.name for s in decision.strategies if s.name != strategy and dials_target(s)]
-    return names
 
 
 def _tried(attempts: Sequence[AttemptRecord]) -> str:
