@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.net.alarm import clocks
 from proxy.net.relay import RelayStats, relay
 
 MiB = 1 << 20
@@ -530,3 +531,39 @@ async def test_relay_makes_its_monitor_only_when_the_server_still_sends() -> Non
             await x.send_eof()
             await y.send_eof()
     assert len(made) == 1 and out[0].b_to_a == 4
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def test_a_relay_whose_server_already_closed_runs_in_the_callers_task_alone() -> None:
+    async with relayed_tcp() as (x, a, b, y):  # x: the client, y: the server
+        await y.send_all(b"answer")
+        await y.send_eof()
+        assert await b.receive_some() == b"answer"  # the first answer, read by an attempt
+        await _until_fin_arrived(b)
+        clocks().coarse.start()  # the clock's own task starts once per run, on first use
+        spawns = _Spawns()
+        trio.lowlevel.add_instrument(spawns)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def client() -> None:
+                    assert await x.receive_some() == b""  # the server's FIN, passed on
+                    await x.send_all(b"one more thing")
+                    await x.send_eof()
+
+                nursery.start_soon(client)
+                spawns.count = 0
+                stats = await relay(a, b, idle_timeout=30)
+        finally:
+            trio.lowlevel.remove_instrument(spawns)
+        assert spawns.count == 0
+        assert (stats.a_to_b, stats.b_to_a, stats.first_closed) == (14, 0, "b")
+        assert await y.receive_some() == b"one more thing"
+        assert await y.receive_some() == b""
