@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ log = logging.getLogger("sidestep.inbound")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: Linux passes a listening socket's TCP_NODELAY on to the sockets it accepts
+_NODELAY_NOT_INHERITED = not sys.platform.startswith("linux")
 
 
 def pick_handler(protocol: str, first: int) -> tuple[str, Handler] | None:
@@ -138,7 +141,8 @@ class InboundServer:
 
     async def _handle(self, sock: trio.socket.SocketType, peer: tuple[str, int]) -> None:
         self.active += 1
-        stream = FastStream(sock, tcp=True)  # accepted on an IPv4/IPv6 listener
+        # accepted on an IPv4/IPv6 listener, which passed its TCP_NODELAY on (on Linux)
+        stream = FastStream(sock, tcp=True, nodelay=_NODELAY_NOT_INHERITED)
         try:
             if self.protocol == "transparent":
                 # redirected clients may wait for the server to speak: no first-byte gate
@@ -203,6 +207,8 @@ async def open_listeners(host: str, port: int) -> list[RawListener]:
             # "::" means both families only when the sysctl says so; be explicit
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
         sock.bind((host, port))
+        # accepted sockets inherit it (Linux): replies and first flights go out at once
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_DEFER_ACCEPT"):
             # Our clients always speak first: let the kernel hand us a connection only once its
             # first bytes are there. Saves a wake-up per connection, and silent clients cost

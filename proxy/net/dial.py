@@ -45,6 +45,8 @@ _UNREACHABLE = frozenset(
     }
 )
 _TIMED_OUT = frozenset({errno.ETIMEDOUT})
+#: a socket type flag that makes it non-blocking at creation (Linux), else 0
+_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 
 # Which error describes a failed race best: a refusal proves the host is there and answered,
 # a timeout (silence) says more about a blackhole than "no route" does about the destination.
@@ -252,9 +254,11 @@ async def _connect_socket(
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # non-blocking from birth: no ioctl for setblocking()
+    sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         err = sock.connect_ex(_sockaddr(address, port))
         if err == errno.EINPROGRESS:
             # On loopback and LANs the handshake is often done by now: a zero-timeout poll is

@@ -40,9 +40,12 @@ class FastStream(trio.abc.HalfCloseableStream):
 
     __slots__ = ("_alarm", "_armed", "_limit", "_quick", "socket", "tcp")
 
-    def __init__(self, sock: trio.socket.SocketType, *, tcp: bool | None = None) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, *, tcp: bool | None = None, nodelay: bool = True
+    ) -> None:
         """``tcp=True`` is the word of a caller that made or accepted ``sock`` as an IPv4 or
-        IPv6 stream socket: its type and family are then not looked up again."""
+        IPv6 stream socket: its type and family are then not looked up again. ``nodelay=False``
+        is its word that TCP_NODELAY is on already (accepted from a listener that has it)."""
         if tcp is None:
             if sock.type != socket.SOCK_STREAM:
                 raise ValueError("FastStream needs a SOCK_STREAM socket")
@@ -56,7 +59,7 @@ class FastStream(trio.abc.HalfCloseableStream):
         self._armed = False
         #: a TCP socket (IPv4 or IPv6), not a Unix one
         self.tcp = tcp
-        if tcp:
+        if tcp and nodelay:
             # handshake replies and first flights are small: never hold them for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -121,7 +124,9 @@ class FastStream(trio.abc.HalfCloseableStream):
         size = 65536 if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        fd = self._fd()
+        fd = self.socket.fileno()  # _fd() inlined: this is the hot path of every handshake
+        if fd < 0:
+            raise trio.ClosedResourceError("this stream was closed")
         while True:
             try:
                 data = os.read(fd, size)
@@ -134,11 +139,17 @@ class FastStream(trio.abc.HalfCloseableStream):
                 await self._wait(trio.lowlevel.wait_readable)
                 fd = self._fd()
                 continue
-            await self._fair()
+            quick = self._quick + 1  # _fair() inlined
+            if quick >= YIELD_EVERY:
+                quick = 0
+                await trio.lowlevel.checkpoint()
+            self._quick = quick
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        fd = self._fd()
+        fd = self.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("this stream was closed")
         try:  # usually the kernel takes it all at once
             sent = os.write(fd, data)
         except BlockingIOError:
@@ -147,7 +158,11 @@ class FastStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(exc) from exc
         if sent != (data.nbytes if isinstance(data, memoryview) else len(data)):
             await self._send_rest(fd, data, sent)
-        await self._fair()
+        quick = self._quick + 1
+        if quick >= YIELD_EVERY:
+            quick = 0
+            await trio.lowlevel.checkpoint()
+        self._quick = quick
 
     async def _send_rest(self, fd: int, data: bytes | bytearray | memoryview, sent: int) -> None:
         with memoryview(data) as whole, whole.cast("B") as view:
