@@ -180,8 +180,8 @@ class InboundServer:
             log.exception("%s: unexpected error serving %s:%d", self.name, peer[0], peer[1])
         finally:
             self.active -= 1
-            # closing a socket needs no await: skip aclose()'s checkpoint and a shielded scope
-            stream.socket.close()
+            # this task is done with the client (its relay too): close at once, no checkpoint
+            stream.close_now()
 
 
 @dataclass(slots=True)

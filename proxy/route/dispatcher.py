@@ -534,10 +534,10 @@ def _lookup_once(target: Target, lookup: Resolve) -> Resolve:
 
 
 async def _close(stream: trio.abc.AsyncResource) -> None:
-    """Close an upstream; a plain TCP stream at once (its ``aclose`` would add a scheduler pass
-    and has nothing to flush)."""
+    """Close an upstream the connection is done with; a plain TCP stream at once (its
+    ``aclose`` would add a scheduler pass and has nothing to flush)."""
     if isinstance(stream, FastStream):
-        stream.socket.close()
+        stream.close_now()
     else:
         await stream.aclose()
 

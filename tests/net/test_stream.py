@@ -190,3 +190,25 @@ async def test_limited_gives_other_streams_a_cancel_scope(
     assert trio.current_time() - start == pytest.approx(2.0)
     await right.send_all(b"still open")
     assert await left.receive_some() == b"still open"
+
+
+async def test_close_now_closes_the_socket_and_a_new_one_on_its_number_works() -> None:
+    ours, peer = await _pair()
+    fd = ours.socket.fileno()
+    ours.close_now()
+    assert ours.socket.fileno() == -1
+    assert await peer.receive_some() == b""  # the peer saw the FIN
+    ours.close_now()  # twice is harmless
+    # the descriptor number comes back for the next socket; trio waits on it as on any
+    again, peer_again = await _pair()
+    assert fd in (again.socket.fileno(), peer_again.socket.fileno())
+
+    async def answer_later() -> None:
+        await trio.sleep(0.05)
+        await peer_again.send_all(b"ok")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_later)
+        assert await again.receive_some() == b"ok"  # a wait that had to park in epoll
+    for stream in (peer, again, peer_again):
+        await stream.aclose()
