@@ -383,7 +383,12 @@ async def test_carriers_rotated_through_the_cdn_lose_nothing(ca: LabCA, carrier:
             # a new carrier once one has carried 512 KiB either way (what is already on its way
             # down still arrives on the old one, so a carrier may end with a little more)
             assert strategy.rotations >= (DOWNLOAD + UPLOAD) // rotate
-            assert strategy.resumes == 0 and fronted.server.sessions_resumed == strategy.rotations
+            # a rotation may still be on its way when curl is done: the bridge counts it when
+            # it accepts the resume, the client once the swap is over
+            with trio.fail_after(5):
+                while fronted.server.sessions_resumed != strategy.rotations:
+                    await trio.sleep(0.01)
+            assert strategy.resumes == 0
             session = await strategy.session()
             assert session.carriers == strategy.rotations + 1
             assert strategy.sessions_opened == 1 and fronted.server.sessions_opened == 1
