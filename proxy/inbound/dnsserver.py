@@ -269,11 +269,13 @@ class LocalDnsServer:
             try:
                 data, peer = recvfrom(UDP_RECEIVE)
             except BlockingIOError:
-                handled = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
+                data = None  # waited for below: a handler keeps its exception while it waits
             except OSError as exc:  # an ICMP error for an earlier reply, say
                 log.debug("%s: udp receive: %s", self.name, exc)
+                continue
+            if data is None:
+                handled = 0
+                await trio.lowlevel.wait_readable(sock)
                 continue
             handled += 1
             if handled >= UDP_BATCH:
@@ -337,12 +339,14 @@ class LocalDnsServer:
             try:
                 conn, peer = sock.accept()
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
+                conn = None  # waited for below, outside the handler
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("%s: accept failed (%s); retrying", self.name, exc.strerror)
                     await trio.sleep(0.1)
+                continue
+            if conn is None:
+                await trio.lowlevel.wait_readable(sock)
                 continue
             if not self._admit(peer[0]) or self._tcp_clients >= MAX_TCP_CLIENTS:
                 conn.close()

@@ -110,8 +110,12 @@ class InboundServer:
 
     async def _accept_forever(self, sock: socket.socket, clients: trio.Nursery) -> None:
         # A non-blocking accept() straight on the socket: trio's accept() ends every success
-        # with a scheduler pass, and a burst of clients can be taken in one wake-up.
+        # with a scheduler pass, and a burst of clients can be taken in one wake-up. The allow
+        # list's verdict is remembered per client address until ``allow`` changes (a reload):
+        # even a cached client_allowed() hashes the whole list for its key.
         accepted = 0
+        allow: tuple[Network, ...] = ()
+        admitted: dict[str, bool] = {}
         while True:
             try:
                 conn, peer = sock.accept()
@@ -129,7 +133,15 @@ class InboundServer:
                 accepted = 0
                 await trio.lowlevel.wait_readable(sock)
                 continue
-            if not client_allowed(peer[0], self.allow):
+            if self.allow is not allow:
+                allow = self.allow
+                admitted = {}
+            ok = admitted.get(peer[0])
+            if ok is None:
+                if len(admitted) >= 4096:
+                    admitted.clear()
+                ok = admitted[peer[0]] = client_allowed(peer[0], allow)
+            if not ok:
                 log.warning("%s: refused client %s: not in the allow list", self.name, peer[0])
                 conn.close()
                 continue
