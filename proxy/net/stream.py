@@ -63,12 +63,6 @@ class FastStream(trio.abc.HalfCloseableStream):
             # handshake replies and first flights are small: never hold them for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def _fair(self) -> None:
-        self._quick += 1
-        if self._quick >= YIELD_EVERY:
-            self._quick = 0
-            await trio.lowlevel.checkpoint()
-
     def time_limit(self, seconds: float) -> None:
         """From now on, waits of this stream that end later than ``seconds`` after the first
         of them began (up to one clock tick later) raise ``trio.TooSlowError``, until
@@ -124,7 +118,7 @@ class FastStream(trio.abc.HalfCloseableStream):
         size = 65536 if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        fd = self.socket.fileno()  # _fd() inlined: this is the hot path of every handshake
+        fd = self.socket.fileno()  # _fd(), inline: the hot path of every handshake
         if fd < 0:
             raise trio.ClosedResourceError("this stream was closed")
         while True:
@@ -139,7 +133,7 @@ class FastStream(trio.abc.HalfCloseableStream):
                 await self._wait(trio.lowlevel.wait_readable)
                 fd = self._fd()
                 continue
-            quick = self._quick + 1  # _fair() inlined
+            quick = self._quick + 1  # every YIELD_EVERY calls that did not wait, let others run
             if quick >= YIELD_EVERY:
                 quick = 0
                 await trio.lowlevel.checkpoint()
