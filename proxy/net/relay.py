@@ -1,10 +1,11 @@
 """Moving bytes both ways between two streams once a tunnel is up.
 
-:func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a relayed
-connection costs one extra task; between TCP sockets, a direction that is over when the relay
-starts (the server answered and closed) is finished first and the other then copied in the
-calling task, without the extra one. Monitors are shown their counters by one task shared by every
-relay of the run (:class:`~proxy.net.monitor.MonitorTicker`), not a task and a timer per connection. Its rules:
+:func:`relay` copies ``a -> b`` in the calling task and ``b -> a`` in one child task, so a
+relayed connection costs one extra task. Between TCP sockets, a direction that is over when the
+relay starts (the server answered and closed) is finished first and the other one is copied in
+the calling task, without the extra task; when both are over, nothing is copied. Monitors are
+shown their counters by one task shared by every relay of the run
+(:class:`~proxy.net.monitor.MonitorTicker`), not a task and a timer per connection. Its rules:
 
 * **Half-close.** When one side sends EOF, the other side gets ``send_eof()`` (TCP ``FIN``) and
   the opposite direction keeps flowing until it ends too. A stream that cannot half-close is left
@@ -13,16 +14,17 @@ relay of the run (:class:`~proxy.net.monitor.MonitorTicker`), not a task and a t
   sockets are then set to reset on close (``SO_LINGER`` 0) so the peer on the other side learns
   that the data was cut short instead of seeing a clean end.
 * **Idle timeout** is shared: the relay ends when no byte has moved either way for
-  ``idle_timeout`` seconds. The deadline is refreshed at most once per ``slack`` (a twentieth of the
-  timeout, at most one second), so it may fire up to ``slack`` late but never early. Between TCP
-  sockets it is an :class:`~proxy.net.alarm.Alarm` (up to one more clock tick late) instead of a
-  cancel scope.
+  ``idle_timeout`` seconds. The deadline is refreshed at most once per ``slack`` (a twentieth of
+  the timeout, at most one second), so it may fire up to ``slack`` late but never early. Between
+  TCP sockets it is an :class:`~proxy.net.alarm.Alarm` (up to one more clock tick late, armed
+  when a direction first has to wait) instead of a cancel scope.
 * **Bounded memory**: at most one ``buffer_size`` read in flight per direction, and no buffer is
   kept while a direction waits.
 
-When both ends are plain TCP ``trio.SocketStream``\\s the copy runs on the file descriptors with
-non-blocking system calls, waiting through ``trio.lowlevel.wait_readable``/``wait_writable`` only
-when a call would block: that saves the scheduler pass trio's stream methods take per call. On
+When both ends are plain TCP streams (``FastStream`` or ``trio.SocketStream``) the copy runs on
+the file descriptors with non-blocking system calls, waiting through
+``trio.lowlevel.wait_readable``/``wait_writable`` only when a call would block: that saves the
+scheduler pass trio's stream methods take per call. On
 Linux a direction whose read fills the whole buffer is a bulk flow; it switches to ``splice(2)``
 through a pipe created then, so the bytes never enter Python. Short flows (requests, handshakes,
 interactive traffic) never create a pipe. The caller owns both streams and closes them afterwards.
