@@ -328,8 +328,10 @@ def _parse_address(buf: bytes | bytearray, pos: int) -> tuple[AddressType, str, 
     return _ADDRESS_TYPES[atyp], host, port, end + 2
 
 
+@functools.lru_cache(maxsize=256)
 def build_reply(code: ReplyCode, bind_host: str = "0.0.0.0", bind_port: int = 0) -> bytes:
-    """A complete SOCKS5 reply message. A scoped IPv6 bind address loses its ``%scope``."""
+    """A complete SOCKS5 reply message. A scoped IPv6 bind address loses its ``%scope``.
+    (Cached: a server sends the same few replies over and over.)"""
     return bytes([VERSION, code, 0]) + encode_address(bind_host.split("%", 1)[0], bind_port)
 
 

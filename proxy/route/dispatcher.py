@@ -288,9 +288,11 @@ class Dispatcher:
                 return what is Degradation.FROZEN
 
             try:
-                attempts, trusted = await lessons.judge(
-                    router, target, flight, winner.attempts, winner.response, resolve
-                )
+                attempts, trusted = [], True  # the first strategy got through: nothing to judge
+                if winner.attempts:
+                    attempts, trusted = await lessons.judge(
+                        router, target, flight, winner.attempts, winner.response, resolve
+                    )
                 tried = _tried(attempts)
                 if attempts:
                     verdict = attempts[0].label
