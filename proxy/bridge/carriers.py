@@ -40,7 +40,7 @@ MAX_HEAD = 16 * 1024
 FRAME_PAYLOAD = 512 * 1024
 #: bytes asked of the transport per read
 TRANSPORT_READ = 256 * 1024
-#: seconds the server waits for each piece of a request head
+#: seconds the server waits for each read of a request (head, body, the next request)
 READ_TIMEOUT = 30.0
 #: what every web carrier's requests say they are
 USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -238,6 +238,19 @@ async def accept_websocket(
         return None  # not HTTP, or HTTP too broken to answer: close
 
 
+async def next_client_event(conn: h11.Connection, stream: trio.abc.Stream) -> object | None:
+    """(server) The next h11 event of a client's request, reading ``stream`` as needed; None
+    when one read takes longer than :data:`READ_TIMEOUT` (no client of ours is that slow)."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        with trio.move_on_after(READ_TIMEOUT):
+            conn.receive_data(await stream.receive_some(MAX_HEAD))
+            continue
+        return None
+
+
 async def _serve_http(
     stream: trio.abc.Stream,
     conn: h11.Connection,
@@ -247,11 +260,8 @@ async def _serve_http(
     peer: str,
 ) -> WebSocketStream | None:
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            with trio.move_on_after(READ_TIMEOUT):
-                conn.receive_data(await stream.receive_some(MAX_HEAD))
-                continue
+        event = await next_client_event(conn, stream)
+        if event is None:
             return None  # a request head this slow is no client of ours
         if not isinstance(event, h11.Request):
             return None  # the peer closed

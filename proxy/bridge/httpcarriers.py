@@ -36,7 +36,13 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
-from proxy.bridge.carriers import MAX_HEAD, USER_AGENT, FrontingRefused, check_status
+from proxy.bridge.carriers import (
+    MAX_HEAD,
+    USER_AGENT,
+    FrontingRefused,
+    check_status,
+    next_client_event,
+)
 from proxy.errors import RemoteProtocolError, UpstreamError
 from proxy.protocols.webcarrier import (
     CarrierKind,
@@ -76,8 +82,6 @@ POLL_QUEUE_LIMIT = 1 << 20
 CARRIER_EXPIRY = 60.0
 #: server: carriers held at once (each is a session)
 MAX_CARRIERS = 4096
-#: server: seconds to read a request body or the next request of a kept-alive connection
-READ_TIMEOUT = 30.0
 #: attempts at one POST or poll (a broken keep-alive connection is retried on a fresh one)
 ATTEMPTS = 3
 
@@ -675,11 +679,8 @@ async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, limit: int) 
     """The request's body, or ``None`` when it is longer than ``limit``, slow or cut off."""
     body = bytearray()
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            with trio.move_on_after(READ_TIMEOUT):
-                conn.receive_data(await stream.receive_some(MAX_HEAD))
-                continue
+        event = await next_client_event(conn, stream)
+        if event is None:
             return None
         if isinstance(event, h11.Data):
             body += event.data
