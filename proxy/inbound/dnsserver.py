@@ -43,7 +43,7 @@ import dns.message
 import trio
 
 from proxy.config import DnsServerConfig
-from proxy.inbound.listener import Network, client_allowed
+from proxy.inbound.listener import Admission, Network, client_allowed
 from proxy.protocols.dnswire import TYPE_OPT, question_key, walk_records
 from proxy.resolve.service import DnsService, header_reply, screen_query
 
@@ -259,11 +259,10 @@ class LocalDnsServer:
 
     async def _serve_udp(self, sock: socket.socket, work: trio.Nursery) -> None:
         # The hot path: everything a cache hit needs is looked up once, outside the loop, and
-        # the allow list's verdict is remembered per client address (until ``allow`` changes).
+        # the allow list's verdict is remembered per client address (Admission).
         recvfrom = sock.recvfrom
         sendto = sock.sendto
-        allow: tuple[Network, ...] = ()
-        admitted: dict[str, bool] = {}
+        allows = Admission().allows
         handled = 0
         while True:
             try:
@@ -282,15 +281,7 @@ class LocalDnsServer:
                 handled = 0
                 await trio.lowlevel.checkpoint()
             client = peer[0]
-            if self.allow is not allow:
-                allow = self.allow
-                admitted = {}
-            ok = admitted.get(client)
-            if ok is None:
-                if len(admitted) >= 4096:
-                    admitted.clear()
-                ok = admitted[client] = client_allowed(client, allow)
-            if not ok:
+            if not allows(client, self.allow):
                 self.refused += 1
                 continue
             limiter = self.limiter

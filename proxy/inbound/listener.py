@@ -62,6 +62,34 @@ def client_allowed(address: str, allow: tuple[Network, ...]) -> bool:
     return any(ip in net for net in allow if net.version == ip.version)
 
 
+class Admission:
+    """An allow list's verdicts by client address, for one accept or receive loop.
+
+    Clients come back from the same few addresses, and even the cached
+    :func:`client_allowed` hashes the whole list (a Python-level hash per network) for its
+    key. A different list (a reload) starts afresh, and so does a table of 4096 addresses.
+    """
+
+    __slots__ = ("_allow", "_verdicts")
+
+    def __init__(self) -> None:
+        self._allow: tuple[Network, ...] = ()
+        self._verdicts: dict[str, bool] = {}
+
+    def allows(self, address: str, allow: tuple[Network, ...]) -> bool:
+        """Whether ``address`` is inside ``allow``."""
+        if allow is not self._allow:
+            self._allow = allow
+            self._verdicts = {}
+        verdicts = self._verdicts
+        ok = verdicts.get(address)
+        if ok is None:
+            if len(verdicts) >= 4096:
+                verdicts.clear()
+            ok = verdicts[address] = client_allowed(address, allow)
+        return ok
+
+
 @dataclass(slots=True)
 class InboundServer:
     """One listening inbound. ``ctx`` and ``allow`` may be swapped on reload."""
@@ -110,12 +138,9 @@ class InboundServer:
 
     async def _accept_forever(self, sock: socket.socket, clients: trio.Nursery) -> None:
         # A non-blocking accept() straight on the socket: trio's accept() ends every success
-        # with a scheduler pass, and a burst of clients can be taken in one wake-up. The allow
-        # list's verdict is remembered per client address until ``allow`` changes (a reload):
-        # even a cached client_allowed() hashes the whole list for its key.
+        # with a scheduler pass, and a burst of clients can be taken in one wake-up.
         accepted = 0
-        allow: tuple[Network, ...] = ()
-        admitted: dict[str, bool] = {}
+        admission = Admission()
         while True:
             try:
                 conn, peer = sock.accept()
@@ -133,15 +158,7 @@ class InboundServer:
                 accepted = 0
                 await trio.lowlevel.wait_readable(sock)
                 continue
-            if self.allow is not allow:
-                allow = self.allow
-                admitted = {}
-            ok = admitted.get(peer[0])
-            if ok is None:
-                if len(admitted) >= 4096:
-                    admitted.clear()
-                ok = admitted[peer[0]] = client_allowed(peer[0], allow)
-            if not ok:
+            if not admission.allows(peer[0], self.allow):
                 log.warning("%s: refused client %s: not in the allow list", self.name, peer[0])
                 conn.close()
                 continue
