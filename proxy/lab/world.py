@@ -37,6 +37,7 @@ file) is gone when the context exits, on errors too.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import random
 import shutil
 import socket
@@ -60,13 +61,14 @@ from proxy.lab.middlebox import Middlebox
 from proxy.lab.origin import OriginServer
 from proxy.lab.rules import CensorEngine, Hit
 from proxy.lab.udpbox import UdpEchoServer, UdpMiddlebox
+from proxy.resolve.plain import PlainResolver
 
 if TYPE_CHECKING:
     from proxy.lab.profiles import Profile
 
 __all__ = [
-    "BridgeSlot", "DohEndpoint", "Lab", "LabEvent", "LabPorts", "OriginSpec", "choose_ports",
-    "open_lab", "private_ip", "reraise_single",
+    "AbroadResolver", "BridgeSlot", "DohEndpoint", "Lab", "LabEvent", "LabPorts", "OriginSpec",
+    "choose_ports", "open_lab", "private_ip", "reraise_single",
 ]  # fmt: skip
 
 Address = tuple[str, int]
@@ -574,3 +576,15 @@ class _Builder:
         lab.cdn = edge
         await self._censor((CDN_IP, self.ports.https), (hidden, self.ports.https), CDN_FRONT)
         lab._names_at[CDN_IP].append(CDN_BACKEND)
+
+
+class AbroadResolver:
+    """DNS for a machine outside the censored network (a bridge, a CDN's origin): honest
+    answers from the lab's authoritative server, each lab host reached at its private twin
+    address, where no censor sits in between."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.inner = PlainResolver([lab.authoritative])
+
+    async def resolve(self, host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]

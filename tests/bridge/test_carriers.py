@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -20,12 +19,11 @@ from proxy.bridge.config import parse_bridge_config
 from proxy.bridge.identity import BridgeURI, generate_identity
 from proxy.bridge.server import BridgeServer
 from proxy.config import parse_config
-from proxy.inbound.base import IPAddress, Target
+from proxy.inbound.base import Target
 from proxy.lab.ca import LabCA
 from proxy.lab.scenarios import RunningSidestep, open_sidestep
-from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, Lab, open_lab, private_ip
+from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, AbroadResolver, Lab, open_lab
 from proxy.protocols.websocket import Opcode, encode_frame
-from proxy.resolve.plain import PlainResolver
 from proxy.strategies.bridge import BridgeStrategy
 
 CURL = shutil.which("curl")
@@ -38,17 +36,6 @@ SECRET = "/k7Hq2-bridge"
 @pytest.fixture(scope="module")
 def ca() -> LabCA:
     return LabCA.create()
-
-
-class AbroadResolver:
-    """The bridge stands outside the censored network: honest DNS, lab hosts reached at their
-    private twin addresses (no censor in between)."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.inner = PlainResolver([lab.authoritative])
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]
 
 
 def free_port() -> int:

@@ -22,13 +22,11 @@ from proxy.bridge.identity import BridgeIdentity, BridgeURI, generate_identity, 
 from proxy.bridge.server import BridgeServer, DestinationPolicy, SessionRateLimit
 from proxy.config import parse_config
 from proxy.errors import NotAllowed
-from proxy.inbound.base import IPAddress
 from proxy.lab.ca import LabCA
 from proxy.lab.scenarios import RunningSidestep, open_sidestep
-from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, Lab, open_lab, private_ip
+from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, AbroadResolver, Lab, open_lab
 from proxy.protocols.bridge import BridgeConnection
 from proxy.resolve.auto import ViaDohResolver
-from proxy.resolve.plain import PlainResolver
 from proxy.strategies.bridge import BridgeStrategy
 
 CURL = shutil.which("curl")
@@ -45,17 +43,6 @@ def bridge_config_text(prefix: str = "none", delay: str = "[0.0, 0.05]") -> str:
         f'[bridge]\nprefix = "{prefix}"\nprobe_close_delay = {delay}\n'
         '[destinations]\nallow_networks = ["127.0.0.0/8"]\n'
     )
-
-
-class AbroadResolver:
-    """The bridge stands outside the censored network: honest DNS, and it reaches each lab host
-    at its private twin address, where no censor sits in between."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.inner = PlainResolver([lab.authoritative])
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]
 
 
 @dataclass

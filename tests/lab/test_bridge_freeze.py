@@ -5,7 +5,6 @@ volume is learned, and from then on carriers are rotated before they freeze."""
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import shutil
 
 import pytest
@@ -15,14 +14,12 @@ from proxy.bridge.config import parse_bridge_config
 from proxy.bridge.identity import BridgeURI, generate_identity
 from proxy.bridge.server import BridgeServer
 from proxy.config import parse_config
-from proxy.inbound.base import IPAddress
 from proxy.lab.ca import LabCA
 from proxy.lab.middlebox import Middlebox
 from proxy.lab.origin import pattern_bytes
 from proxy.lab.profiles import FREEZE_LIMIT
 from proxy.lab.scenarios import open_sidestep
-from proxy.lab.world import OPEN, Lab, open_lab, private_ip
-from proxy.resolve.plain import PlainResolver
+from proxy.lab.world import OPEN, AbroadResolver, Lab, open_lab
 from proxy.strategies.bridge import BridgeStrategy
 
 CURL = shutil.which("curl")
@@ -31,16 +28,6 @@ CURL = shutil.which("curl")
 BRIDGE_PUBLIC = "127.62.0.77"
 BRIDGE_HIDDEN = "127.162.0.77"
 SIZE = 2 * 1024 * 1024
-
-
-class AbroadResolver:
-    """The bridge sits outside the censored network: honest DNS, the lab hosts' private twins."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.inner = PlainResolver([lab.authoritative])
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]
 
 
 async def foreign_bridge(lab: Lab) -> tuple[BridgeServer, BridgeURI]:

@@ -7,7 +7,6 @@ fetched with curl through sidestep's SOCKS port, as a user would.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shutil
 import ssl
@@ -23,13 +22,12 @@ from proxy.bridge.config import parse_bridge_config
 from proxy.bridge.identity import BridgeURI, generate_identity
 from proxy.bridge.server import BridgeServer
 from proxy.config import parse_config
-from proxy.inbound.base import IPAddress, Target
+from proxy.inbound.base import Target
 from proxy.lab.ca import LabCA
 from proxy.lab.nginxcdn import Edge, find_nginx, open_nginx_cdn
 from proxy.lab.scenarios import RunningSidestep, open_sidestep
-from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, Lab, open_lab, private_ip
+from proxy.lab.world import BLOCKED, IP_BLOCKED, OPEN, AbroadResolver, Lab, open_lab
 from proxy.protocols.webcarrier import CarrierKind, build_target, make_carrier_id
-from proxy.resolve.plain import PlainResolver
 from proxy.route.learn import LearnedMemory
 from proxy.strategies.front import FrontCandidate, FrontStrategy
 
@@ -44,17 +42,6 @@ BRIDGE = "bridge1.lab"
 @pytest.fixture(scope="module")
 def ca() -> LabCA:
     return LabCA.create()
-
-
-class AbroadResolver:
-    """The bridge stands outside the censored network: honest DNS, lab hosts reached at their
-    private twin addresses (no censor in between)."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.inner = PlainResolver([lab.authoritative])
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]
 
 
 @dataclass

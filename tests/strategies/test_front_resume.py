@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import json
 import shutil
 import socket
@@ -32,13 +31,11 @@ from proxy.bridge.config import parse_bridge_config
 from proxy.bridge.identity import BridgeURI, generate_identity
 from proxy.bridge.server import BridgeServer
 from proxy.config import parse_config
-from proxy.inbound.base import IPAddress
 from proxy.lab.ca import LabCA
 from proxy.lab.nginxcdn import find_nginx, open_nginx_cdn
 from proxy.lab.origin import pattern_bytes
 from proxy.lab.scenarios import RunningSidestep, open_sidestep
-from proxy.lab.world import CDN_FRONT, OPEN, Lab, open_lab, private_ip
-from proxy.resolve.plain import PlainResolver
+from proxy.lab.world import CDN_FRONT, OPEN, AbroadResolver, Lab, open_lab
 from proxy.strategies.front import FrontStrategy
 
 CURL = shutil.which("curl")
@@ -54,16 +51,6 @@ _RESET = struct.pack("ii", 1, 0)
 @pytest.fixture(scope="module")
 def ca() -> LabCA:
     return LabCA.create()
-
-
-class AbroadResolver:
-    """The bridge stands outside the censored network: lab hosts at their private twins."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.inner = PlainResolver([lab.authoritative])
-
-    async def resolve(self, host: str) -> list[IPAddress]:
-        return [ipaddress.ip_address(private_ip(str(a))) for a in await self.inner.resolve(host)]
 
 
 class Forwarder:
